@@ -1,0 +1,96 @@
+"""The ASGI application: a raw `/v1/*` handler in front of a FastAPI app for the rest.
+
+    create_app(settings) -> ProxyApp
+        /v1/*          OpenAIHandler   (hot path, raw ASGI)
+        everything     FastAPI         (admin, health, readiness, metrics; lifespan)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import BinaryIO
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from proxy.config import Settings, config_path, load_settings
+from proxy.errors import ProxyError, error_body
+from proxy.metrics import Metrics
+from proxy.routes_admin import admin, ops
+from proxy.routes_openai import OpenAIHandler
+from proxy.runtime import Runtime
+from proxy.types import Receive, Scope, Send
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class ProxyApp:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.api = _build_api(runtime)
+        self.openai = OpenAIHandler(
+            runtime.router,
+            runtime.rollout,
+            runtime.upstreams,
+            runtime.metrics,
+            runtime.events,
+            max_body_bytes=MAX_BODY_BYTES,
+            user_hash_key=runtime.settings.user_hash_key,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.openai(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None, event_sink: BinaryIO | None = None) -> ProxyApp:
+    return ProxyApp(Runtime(settings, metrics=metrics, event_sink=event_sink))
+
+
+def create_app_from_env() -> ProxyApp:
+    """uvicorn factory for `--workers N`: each worker process loads the config itself."""
+    return create_app(load_settings(config_path(None)))
+
+
+def _build_api(runtime: Runtime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    api = FastAPI(title="llm-ab-proxy", lifespan=lifespan, docs_url="/admin/docs", openapi_url="/admin/openapi.json")
+    api.state.runtime = runtime
+    api.include_router(admin)
+    api.include_router(ops)
+
+    @api.exception_handler(ProxyError)
+    async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first["loc"] if part != "body"]
+        param = ".".join(loc) or None
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else msg
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", None, code),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    return api

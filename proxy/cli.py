@@ -1,0 +1,217 @@
+"""The `abproxy` command line: serve, assign, rollout, mock-upstream, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any, NoReturn
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from proxy.config import ConfigError, Settings, config_path, load_settings
+
+# Piped output (scripts, CI logs) gets wide tables instead of truncated cells.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(2)
+
+
+def _settings(config: str | None) -> tuple[str, Settings]:
+    try:
+        path = config_path(config)
+        return path, load_settings(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@click.group()
+@click.version_option(package_name="llm-ab-proxy")
+def main() -> None:
+    """llm-ab-proxy: an OpenAI-compatible gateway that A/B tests a fine-tuned model against its base."""
+
+
+@main.command()
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+@click.option("--host", default=None, help="Bind address [config server.host, 0.0.0.0].")
+@click.option("--port", type=int, default=None, help="Port [config server.port, 8080].")
+@click.option("--workers", type=int, default=None, help="Worker processes [config server.workers, 1].")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config: str | None, host: str | None, port: int | None, workers: int | None, log_level: str) -> None:
+    """Run the proxy."""
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+
+    path, settings = _settings(config)
+    configure_logging(log_level)
+    workers = workers or settings.server.workers
+    options: dict[str, Any] = {
+        "host": host or settings.server.host,
+        "port": port or settings.server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,  # the event stream is the access log, written off the request path
+        "server_header": False,
+        "log_level": log_level,
+        "timeout_graceful_shutdown": 30,
+    }
+    if workers > 1:
+        # Each worker re-reads the (already validated) file through the factory.
+        os.environ["ABPROXY_CONFIG"] = os.path.abspath(path)
+        uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
+
+
+@main.command()
+@click.argument("experiment")
+@click.argument("user_id")
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+def assign(experiment: str, user_id: str, config: str | None) -> None:
+    """Print USER_ID's bucket in EXPERIMENT and its variant under the live percent (read from Redis)."""
+    from proxy.assignment import bucket, choose_variant, threshold
+    from proxy.experiments import Router
+
+    _, settings = _settings(config)
+    exp = Router(settings).experiments.get(experiment)
+    if exp is None:
+        _fail(f"unknown experiment {experiment!r}; known: {', '.join(sorted(settings.experiments))}")
+    percent, source = asyncio.run(_live_percent(settings, experiment, exp.default_percent))
+    b = bucket(exp.salt, user_id)
+    variant = choose_variant(b, threshold(percent))
+    click.echo(f"experiment={experiment} user={user_id} bucket={b} percent={percent:g} ({source}) variant={variant}")
+
+
+async def _live_percent(settings: Settings, experiment: str, default: float) -> tuple[float, str]:
+    import redis.asyncio as aioredis
+
+    from proxy.errors import StateUnavailable
+    from proxy.rollout import RolloutStore
+
+    client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        state = await RolloutStore(client, {experiment: default}).get(experiment)
+    except StateUnavailable:
+        _fail(f"cannot read the live percent: Redis at {settings.redis_url} is unreachable")
+    finally:
+        await client.aclose()
+    return state.percent, "live" if state.source == "redis" else "config default: Redis holds no value"
+
+
+# -- rollout: the admin API over HTTP -------------------------------------------------------
+def _admin_client(url: str | None, token: str | None) -> httpx.Client:
+    base = url or os.environ.get("ABPROXY_URL", "http://127.0.0.1:8080")
+    token = token or os.environ.get("ABPROXY_ADMIN_TOKEN")
+    if not token:
+        _fail("no admin token: set ABPROXY_ADMIN_TOKEN or pass --token")
+    actor = os.environ.get("USER") or "cli"
+    return httpx.Client(
+        base_url=base, timeout=10, headers={"Authorization": f"Bearer {token}", "X-Abproxy-Actor": actor}
+    )
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the proxy at {client.base_url}: {exc}")
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        _fail(f"error {response.status_code}: {message}")
+    return response.json()
+
+
+_url = click.option("--url", envvar="ABPROXY_URL", help="Proxy base URL [env ABPROXY_URL, http://127.0.0.1:8080].")
+_token = click.option("--token", help="Admin token [env ABPROXY_ADMIN_TOKEN].")
+
+
+@main.group()
+def rollout() -> None:
+    """Read or change an experiment's live rollout percent."""
+
+
+def _print_experiments(rows: list[dict[str, Any]]) -> None:
+    table = Table("experiment", "percent", "control", "treatment", "updated", "by", "reason")
+    for row in rows:
+        table.add_row(
+            row["name"] + (" (stale)" if row.get("stale") else ""),
+            f"{row['percent']:g}%" + ("" if row["source"] == "redis" else " (config)"),
+            row["control"]["upstream_model"],
+            row["treatment"]["upstream_model"],
+            row["updated_at"] or "-",
+            row["updated_by"] or "-",
+            row["reason"] or "-",
+        )
+    console.print(table)
+
+
+@rollout.command("get")
+@click.argument("experiment", required=False)
+@_url
+@_token
+def rollout_get(experiment: str | None, url: str | None, token: str | None) -> None:
+    """Show one experiment's live percent (or all)."""
+    with _admin_client(url, token) as client:
+        if experiment is None:
+            _print_experiments(_call(client, "GET", "/admin/experiments")["experiments"])
+        else:
+            _print_experiments([_call(client, "GET", f"/admin/experiments/{experiment}")])
+
+
+@rollout.command("set")
+@click.argument("experiment")
+@click.argument("percent", type=float)
+@click.option("--reason", default=None, help="Why, for the audit trail.")
+@_url
+@_token
+def rollout_set(experiment: str, percent: float, reason: str | None, url: str | None, token: str | None) -> None:
+    """Set EXPERIMENT's rollout to PERCENT (0..100, two decimals); every instance follows within a second."""
+    with _admin_client(url, token) as client:
+        body = _call(
+            client, "PUT", f"/admin/experiments/{experiment}/rollout", json={"percent": percent, "reason": reason}
+        )
+    click.echo(f"{experiment}: {body['previous_percent']:g}% -> {body['percent']:g}%")
+
+
+@rollout.command("audit")
+@click.argument("experiment")
+@click.option("--limit", default=20, show_default=True)
+@_url
+@_token
+def rollout_audit(experiment: str, limit: int, url: str | None, token: str | None) -> None:
+    """Show EXPERIMENT's rollout change history, newest first."""
+    with _admin_client(url, token) as client:
+        body = _call(client, "GET", f"/admin/experiments/{experiment}/audit", params={"limit": limit})
+    table = Table("at", "from", "to", "by", "reason")
+    for e in body["entries"]:
+        table.add_row(e["at"], f"{e['from']:g}%", f"{e['to']:g}%", e["by"], e["reason"] or "-")
+    console.print(table)
+
+
+@main.command("mock-upstream")
+@click.option("--port", type=int, required=True)
+@click.option("--name", required=True, help="Named in every answer, so you can see who answered.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Delay before the first byte.")
+@click.option("--tokens-per-s", type=float, default=0.0, show_default=True, help="Streaming pace; 0 = no pause.")
+@click.option("--api-key", envvar="MOCK_API_KEY", default=None, help="Require this bearer key [env MOCK_API_KEY].")
+def mock_upstream(port: int, name: str, host: str, latency_ms: float, tokens_per_s: float, api_key: str | None) -> None:
+    """Run a small OpenAI-compatible server for demos, tests and benchmarks."""
+    from proxy.mock_upstream import run
+
+    run(host=host, port=port, name=name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Settings: the YAML config file, validated once at start-up into frozen values.
+
+This is the only module that reads the environment. A bad file raises `ConfigError` whose
+message is one line naming the key and the problem; the CLI prints it and exits, so an
+operator never sees a traceback for a typo.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PORT = 8080
+
+
+class ConfigError(Exception):
+    """The config file or environment is unusable; the message is one line naming the key."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    base_url: str
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Filled in from the environment by `load_settings`; never serialised or logged.
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class Pricing(_Strict):
+    input_per_1m: float = Field(default=0.0, ge=0)
+    output_per_1m: float = Field(default=0.0, ge=0)
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+
+
+class ModelConfig(_Strict):
+    upstream: str
+    model: str
+    pricing: Pricing = Pricing()
+
+
+def validate_percent(value: float) -> float:
+    """0..100, finite, at most two decimals: the bucket grid is 0.01 % wide."""
+    if isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if not 0 <= value <= 100:
+        raise ValueError("must be between 0 and 100")
+    if abs(value * 100 - round(value * 100)) > 1e-6:
+        raise ValueError("must have at most two decimals")
+    return round(value, 2)
+
+
+class ExperimentConfig(_Strict):
+    aliases: list[str] = Field(min_length=1)
+    control: str
+    treatment: str
+    salt: str | None = None
+    rollout_percent: float = 0.0
+
+    @field_validator("rollout_percent")
+    @classmethod
+    def _percent(cls, value: float) -> float:
+        return validate_percent(value)
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)
+
+
+class RolloutConfig(_Strict):
+    # Pub/sub carries every change at once; this re-read only heals a missed message.
+    resync_interval_s: float = Field(default=5.0, gt=0)
+    redis_timeout_s: float = Field(default=1.0, gt=0)
+
+
+class EventsConfig(_Strict):
+    enabled: bool = True
+    flush_interval_s: float = Field(default=0.1, gt=0)
+    max_buffered: int = Field(default=100_000, ge=1)
+
+
+class Settings(_Strict):
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    experiments: dict[str, ExperimentConfig] = Field(min_length=1)
+    server: ServerConfig = ServerConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    events: EventsConfig = EventsConfig()
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    admin_token: str | None = Field(default=None, exclude=True, repr=False)
+    # Keyed hash of user ids in events, so a dictionary of e-mails cannot reverse them.
+    user_hash_key: str = Field(default="", exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for name, model in self.models.items():
+            if model.upstream not in self.upstreams:
+                raise _KeyProblem(f"models.{name}.upstream", f"unknown upstream {model.upstream!r}")
+        seen: dict[str, str] = {}
+        for name, exp in self.experiments.items():
+            for role in ("control", "treatment"):
+                ref = getattr(exp, role)
+                if ref not in self.models:
+                    raise _KeyProblem(f"experiments.{name}.{role}", f"unknown model {ref!r}")
+            for alias in exp.aliases:
+                if alias in seen:
+                    raise _KeyProblem(
+                        f"experiments.{name}.aliases",
+                        f"duplicate alias {alias!r} (also in experiments.{seen[alias]})",
+                    )
+                seen[alias] = name
+        return self
+
+
+class _KeyProblem(ValueError):
+    """A cross-reference error that knows its own key path (pydantic would report the root)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, _KeyProblem):
+        return f"config error: {cause.key}: {cause.problem}"
+    key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"config error: {key}: {message}"
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the config file, then fill secrets from `environ`."""
+    env = os.environ if environ is None else environ
+    try:
+        raw: Any = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config error: {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {path} must be a mapping with upstreams, models, experiments")
+    return settings_from_dict(raw, env)
+
+
+def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    upstreams = {}
+    for name, upstream in settings.upstreams.items():
+        key = None
+        if upstream.api_key_env:
+            key = env.get(upstream.api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"config error: upstreams.{name}.api_key_env: environment variable "
+                    f"{upstream.api_key_env} is not set"
+                )
+        upstreams[name] = upstream.model_copy(update={"api_key": key})
+    return settings.model_copy(
+        update={
+            "upstreams": upstreams,
+            "redis_url": env.get("REDIS_URL", settings.redis_url),
+            "admin_token": env.get("ABPROXY_ADMIN_TOKEN") or None,
+            "user_hash_key": env.get("ABPROXY_USER_HASH_KEY", ""),
+        }
+    )
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    path = explicit or env.get("ABPROXY_CONFIG")
+    if not path:
+        raise ConfigError("config error: no config file: pass --config FILE or set ABPROXY_CONFIG")
+    return path

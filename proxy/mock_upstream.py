@@ -1,0 +1,348 @@
+"""Mock OpenAI-compatible upstream for llm-ab-proxy demos, tests and benchmarks.
+
+Exercising the gateway against real providers is slow, costs money and is not
+deterministic. This server speaks enough of the OpenAI HTTP API (chat and legacy
+completions, embeddings, models, SSE streaming with ``stream_options.include_usage``)
+to stand in for one. Every reply names the mock that produced it, so tests can tell
+which upstream served a request, and ``/mock/*`` plus the ``mock_status`` /
+``mock_latency_ms`` body fields let end-to-end tests inject faults and inspect what
+the gateway actually forwarded (headers included, to prove upstream-key injection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+JSON = dict[str, Any]
+Frame = tuple[bool, JSON]  # (is a token, i.e. paced by tokens_per_s; SSE payload)
+
+_FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+_MAX_RECORDED = 50
+_BAD_JSON = object()
+
+
+@dataclass
+class MockState:
+    """Configuration and counters of one mock; lives on the app so instances never share state."""
+
+    name: str
+    latency_ms: float
+    tokens_per_s: float
+    api_key: str | None
+    last_id: int = 0  # never reset, so ids stay unique for the life of the process
+    requests: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_cancelled: int = 0
+    recent: deque[JSON] = field(default_factory=lambda: deque(maxlen=_MAX_RECORDED))
+
+    def stats(self) -> JSON:
+        return {
+            "name": self.name,
+            "requests": self.requests,
+            "streams_started": self.streams_started,
+            "streams_completed": self.streams_completed,
+            "streams_cancelled": self.streams_cancelled,
+        }
+
+    def reset(self) -> None:
+        self.requests = self.streams_started = self.streams_completed = self.streams_cancelled = 0
+        self.recent.clear()
+
+
+STATE = web.AppKey("mock_upstream_state", MockState)
+
+
+class _OpenAIError(Exception):
+    """Raised by handlers; rendered as an OpenAI-shaped error body so clients parse it natively."""
+
+    def __init__(
+        self, status: int, message: str, *, type_: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: JSON = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class _Ctx:
+    state: MockState
+    request_id: int
+    started: float
+    body: JSON = field(default_factory=dict)
+
+    def headers(self) -> dict[str, str]:
+        elapsed_ms = int((time.monotonic() - self.started) * 1000)
+        return {"x-request-id": f"mock-{self.request_id}", "openai-processing-ms": str(elapsed_ms)}
+
+
+_V1Handler = Callable[[web.Request, _Ctx], Awaitable[web.StreamResponse]]
+
+
+def _v1(handler: _V1Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a /v1 handler with the bookkeeping, auth and fault injection all endpoints share."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        state.last_id += 1
+        state.requests += 1
+        ctx = _Ctx(state, state.last_id, time.monotonic())
+        raw = await request.read()
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = _BAD_JSON
+        state.recent.append({
+            "path": request.path,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "body": None if parsed is _BAD_JSON else parsed,
+        })
+        try:
+            await _prologue(request, ctx, parsed)
+            resp = await handler(request, ctx)
+        except _OpenAIError as err:
+            resp = web.json_response(err.body, status=err.status)
+        if not resp.prepared:  # streams set these themselves before their first byte
+            resp.headers.update(ctx.headers())
+        return resp
+
+    return wrapped
+
+
+async def _prologue(request: web.Request, ctx: _Ctx, parsed: Any) -> None:
+    state = ctx.state
+    if state.api_key is not None and request.headers.get("Authorization") != f"Bearer {state.api_key}":
+        raise _OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    latency_ms = state.latency_ms
+    if request.method == "POST":
+        if parsed is _BAD_JSON or not isinstance(parsed, dict):
+            raise _OpenAIError(400, "We could not parse the JSON body of your request.")
+        ctx.body = parsed
+        override = parsed.get("mock_latency_ms")
+        if isinstance(override, (int, float)) and not isinstance(override, bool):
+            latency_ms = float(override)
+    if latency_ms > 0:
+        await asyncio.sleep(latency_ms / 1000)
+    status = ctx.body.get("mock_status")
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
+        raise _OpenAIError(status, f"mock error {status}", type_="mock_error", code=f"mock_{status}")
+    if request.method == "POST" and not (isinstance(ctx.body.get("model"), str) and ctx.body["model"]):
+        raise _OpenAIError(400, "you must provide a model parameter", param="model")
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _text(content: Any) -> str:
+    """Text of a chat message content: a string, or the text parts of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _inputs(value: Any, param: str) -> list[tuple[str, int]]:
+    """(text, token count) per input; token arrays count one token per int, like OpenAI."""
+    if isinstance(value, str):
+        return [(value, _words(value))]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [(v, _words(v)) for v in value]
+        if all(_is_int(v) for v in value):
+            return [(",".join(map(str, value)), len(value))]
+        if all(isinstance(v, list) and all(_is_int(x) for x in v) for v in value):
+            return [(",".join(map(str, v)), len(v)) for v in value]
+    raise _OpenAIError(400, f"'{param}' must be a string, an array of strings or token arrays", param=param)
+
+
+def _reply(name: str, model: str, count: int, noun: str, seed: str) -> list[str]:
+    # Deterministic length so tests and benchmarks can predict usage exactly.
+    words = [f"[{name}]", "reply", "from", "model", model, "to", str(count), noun]
+    target = 8 + len(seed) % 17
+    return words + [_FILLER[i % len(_FILLER)] for i in range(target - len(words))]
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> JSON:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _include_usage(body: JSON) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+async def _send(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    # aiohttp >= 3.9 does not cancel handlers when the client leaves, so look for it
+    # ourselves rather than keep "streaming" into a dead socket.
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client disconnected")
+    await resp.write(data)
+
+
+async def _stream(request: web.Request, ctx: _Ctx, frames: list[Frame]) -> web.StreamResponse:
+    state = ctx.state
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **ctx.headers()}
+    resp = web.StreamResponse(headers=headers)
+    state.streams_started += 1
+    delay = 1 / state.tokens_per_s if state.tokens_per_s > 0 else 0.0
+    try:
+        await resp.prepare(request)
+        seen_token = False
+        for is_token, payload in frames:
+            if is_token and seen_token and delay:
+                await asyncio.sleep(delay)
+            seen_token = seen_token or is_token
+            await _send(request, resp, b"data: " + json.dumps(payload).encode() + b"\n\n")
+        await _send(request, resp, b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        state.streams_cancelled += 1
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return resp
+    state.streams_completed += 1
+    return resp
+
+
+async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+    body, model = ctx.body, ctx.body["model"]
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _OpenAIError(400, "'messages' must be a non-empty array", param="messages")
+    texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
+    last_user = next((t for m, t in zip(reversed(messages), reversed(texts))
+                      if isinstance(m, dict) and m.get("role") == "user"), "")
+    words = _reply(ctx.state.name, model, len(messages), "messages", last_user)
+    usage = _usage(max(1, sum(_words(t) + 3 for t in texts)), len(words))
+    base: JSON = {"id": f"chatcmpl-mock-{ctx.request_id}", "created": int(time.time()), "model": model}
+    if body.get("stream") is not True:
+        message = {"role": "assistant", "content": " ".join(words)}
+        return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]})
+    with_usage = _include_usage(body)
+
+    def chunk(delta: JSON, finish: str | None) -> JSON:
+        c: JSON = {**base, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if with_usage:  # OpenAI sends an explicit null usage on every chunk once it was asked for
+            c["usage"] = None
+        return c
+
+    frames: list[Frame] = [(False, chunk({"role": "assistant", "content": ""}, None))]
+    frames += [(True, chunk({"content": w if i == 0 else " " + w}, None)) for i, w in enumerate(words)]
+    frames.append((False, chunk({}, "stop")))
+    if with_usage:
+        frames.append((False, {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+    return await _stream(request, ctx, frames)
+
+
+async def _completions(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+    body, model = ctx.body, ctx.body["model"]
+    prompts = _inputs(body.get("prompt"), "prompt")
+    words = _reply(ctx.state.name, model, len(prompts), "prompts", prompts[-1][0])
+    usage = _usage(max(1, sum(n for _, n in prompts)), len(words))
+    base: JSON = {"id": f"cmpl-mock-{ctx.request_id}", "object": "text_completion",
+                  "created": int(time.time()), "model": model}
+
+    def choice(text: str, finish: str | None) -> JSON:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+    if body.get("stream") is not True:
+        return web.json_response({**base, "choices": [choice(" ".join(words), "stop")], "usage": usage})
+    with_usage = _include_usage(body)
+    extra: JSON = {"usage": None} if with_usage else {}
+    frames: list[Frame] = [(True, {**base, "choices": [choice(w if i == 0 else " " + w, None)], **extra})
+                           for i, w in enumerate(words)]
+    frames.append((False, {**base, "choices": [choice("", "stop")], **extra}))
+    if with_usage:
+        frames.append((False, {**base, "choices": [], "usage": usage}))
+    return await _stream(request, ctx, frames)
+
+
+async def _embeddings(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+    inputs = _inputs(ctx.body.get("input"), "input")
+    # The official client asks for base64 unless told otherwise, so honour it.
+    as_base64 = ctx.body.get("encoding_format") == "base64"
+    data: list[JSON] = []
+    for i, (text, _) in enumerate(inputs):
+        digest = hashlib.sha256(f"{ctx.state.name}\x00{text}".encode()).digest()
+        vector = [round(b / 127.5 - 1.0, 6) for b in digest[:8]]
+        embedding: Any = base64.b64encode(struct.pack("<8f", *vector)).decode() if as_base64 else vector
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    n = sum(tokens for _, tokens in inputs)
+    return web.json_response({"object": "list", "data": data, "model": ctx.body["model"],
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+async def _models(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+    model = {"id": ctx.state.name, "object": "model", "created": 0, "owned_by": "mock-upstream"}
+    return web.json_response({"object": "list", "data": [model]})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].stats())
+
+
+async def _recent(request: web.Request) -> web.Response:
+    return web.json_response(list(request.app[STATE].recent))
+
+
+async def _reset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.reset()
+    return web.json_response(state.stats())
+
+
+def build_app(
+    name: str, *, latency_ms: float = 0.0, tokens_per_s: float = 0.0, api_key: str | None = None,
+) -> web.Application:
+    """Build the mock upstream application (see module docstring for the endpoints)."""
+    app = web.Application()
+    app[STATE] = MockState(name=name, latency_ms=max(0.0, latency_ms),
+                           tokens_per_s=max(0.0, tokens_per_s), api_key=api_key)
+    app.router.add_post("/v1/chat/completions", _v1(_chat))
+    app.router.add_post("/v1/completions", _v1(_completions))
+    app.router.add_post("/v1/embeddings", _v1(_embeddings))
+    app.router.add_get("/v1/models", _v1(_models))
+    app.router.add_get("/mock/stats", _stats)
+    app.router.add_get("/mock/requests", _recent)
+    app.router.add_post("/mock/reset", _reset)
+    return app
+
+
+def run(
+    *, host: str = "127.0.0.1", port: int, name: str, latency_ms: float = 0.0,
+    tokens_per_s: float = 0.0, api_key: str | None = None,
+) -> None:
+    """Serve a mock upstream until interrupted (blocking); backs ``abproxy mock-upstream``."""
+    app = build_app(name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key)
+
+    def announce(*_: Any) -> None:
+        # run_app calls its ``print`` hook only after the sockets are bound, so whoever
+        # waits for this line (tests, scripts) can connect as soon as it appears.
+        print(f"mock-upstream {name} listening on http://{host}:{port}", flush=True)
+
+    web.run_app(app, host=host, port=port, access_log=None, print=announce)

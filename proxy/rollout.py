@@ -1,0 +1,315 @@
+"""Rollout state: live percents held in Redis, mirrored in every process's memory.
+
+Redis layout (one experiment = one hash, its history = one stream):
+    abproxy:rollout:{experiment}   hash   percent, rev, updated_at, updated_by, reason
+    abproxy:audit:{experiment}     stream from, to, by, at, reason      (capped ~10,000)
+    abproxy:rollout                pub/sub channel, one JSON message per change
+
+A write is one Lua script, so the value, its audit entry and the publish can never disagree.
+
+The request path reads `RolloutCache.thresholds`, a plain dict replaced as a whole, so a
+request never awaits Redis and never sees a half-applied update. One background task per
+process subscribes to the channel, re-reads every hash in one MULTI as a safety net for a
+lost message, and reconnects with backoff. While Redis is down the last known percents stay
+in force (fail static); until Redis has been read once, the config's `rollout_percent` is
+used and the process reports not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from proxy.assignment import threshold
+from proxy.errors import StateUnavailable
+
+CHANNEL = "abproxy:rollout"
+AUDIT_MAXLEN = 10_000
+
+log = structlog.get_logger("abproxy.rollout")
+
+
+def state_key(experiment: str) -> str:
+    return f"abproxy:rollout:{experiment}"
+
+
+def audit_key(experiment: str) -> str:
+    return f"abproxy:audit:{experiment}"
+
+
+# KEYS: state hash, audit stream. ARGV: percent, at, by, reason, channel, experiment, default.
+# `from` falls back to the config default: that is what was in force before the first write.
+_SET_SCRIPT = """
+local old = redis.call('HGET', KEYS[1], 'percent')
+local from = old or ARGV[7]
+local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
+redis.call('HSET', KEYS[1], 'percent', ARGV[1], 'updated_at', ARGV[2], 'updated_by', ARGV[3], 'reason', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*',
+           'from', from, 'to', ARGV[1], 'by', ARGV[3], 'at', ARGV[2], 'reason', ARGV[4])
+redis.call('PUBLISH', ARGV[5], cjson.encode({experiment=ARGV[6], percent=ARGV[1], rev=rev,
+           updated_at=ARGV[2], updated_by=ARGV[3], reason=ARGV[4]}))
+return {from, rev}
+""" % AUDIT_MAXLEN
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    experiment: str
+    percent: float
+    source: Literal["redis", "config"]
+    rev: int = 0
+    updated_at: float | None = None
+    updated_by: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def from_hash(cls, experiment: str, fields: dict[str, str], default: float) -> RolloutState:
+        if "percent" not in fields:
+            return cls(experiment, default, "config")
+        return cls(
+            experiment,
+            float(fields["percent"]),
+            "redis",
+            int(fields.get("rev", 0)),
+            float(fields["updated_at"]) if fields.get("updated_at") else None,
+            fields.get("updated_by") or None,
+            fields.get("reason") or None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: str
+    from_percent: float
+    to_percent: float
+    by: str
+    at: float
+    reason: str | None
+
+
+def _fmt_percent(percent: float) -> str:
+    return f"{percent:.2f}".rstrip("0").rstrip(".")
+
+
+class RolloutStore:
+    """Reads and writes the Redis side. Every redis error becomes `StateUnavailable` here."""
+
+    def __init__(self, redis: aioredis.Redis, defaults: dict[str, float]) -> None:
+        self._redis = redis
+        self._defaults = defaults
+        self._set = redis.register_script(_SET_SCRIPT)
+
+    @property
+    def experiments(self) -> Iterable[str]:
+        return self._defaults.keys()
+
+    def pubsub(self) -> aioredis.client.PubSub:
+        return self._redis.pubsub(ignore_subscribe_messages=True)
+
+    async def snapshot(self) -> dict[str, RolloutState]:
+        """Every experiment's state, read in one MULTI so no half-updated view is possible."""
+        names = list(self._defaults)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for name in names:
+                    pipe.hgetall(state_key(name))
+                hashes: list[dict[str, str]] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
+        return {
+            name: RolloutState.from_hash(name, fields, self._defaults[name])
+            for name, fields in zip(names, hashes, strict=True)
+        }
+
+    async def get(self, experiment: str) -> RolloutState:
+        try:
+            fields: dict[str, str] = await self._redis.hgetall(state_key(experiment))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
+        return RolloutState.from_hash(experiment, fields, self._defaults[experiment])
+
+    async def set_percent(
+        self, experiment: str, percent: float, *, by: str, reason: str | None
+    ) -> tuple[RolloutState, float]:
+        """Write, audit and publish atomically. Returns the new state and the previous percent."""
+        now = time.time()
+        args = [
+            _fmt_percent(percent), repr(now), by, reason or "", CHANNEL, experiment,
+            _fmt_percent(self._defaults[experiment]),
+        ]  # fmt: skip
+        try:
+            previous, rev = await self._set(keys=[state_key(experiment), audit_key(experiment)], args=args)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"rollout store unavailable, nothing changed: {exc}") from exc
+        state = RolloutState(experiment, percent, "redis", int(rev), now, by, reason)
+        return state, float(previous)
+
+    async def audit(self, experiment: str, count: int = 100) -> list[AuditEntry]:
+        """Newest first."""
+        try:
+            rows = await self._redis.xrevrange(audit_key(experiment), count=count)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
+        return [
+            AuditEntry(
+                entry_id, float(f["from"]), float(f["to"]), f["by"], float(f["at"]), f.get("reason") or None
+            )
+            for entry_id, f in rows
+        ]
+
+
+Listener = Callable[[RolloutState], None]
+
+
+class RolloutCache:
+    """The in-memory mirror the hot path reads. Only the background task writes it."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        defaults: dict[str, float],
+        *,
+        resync_interval_s: float = 5.0,
+        on_change: Listener | None = None,
+    ) -> None:
+        self._store = store
+        self._resync_interval_s = resync_interval_s
+        self._on_change = on_change
+        self.states: dict[str, RolloutState] = {
+            name: RolloutState(name, percent, "config") for name, percent in defaults.items()
+        }
+        # What the hot path reads: experiment -> treatment threshold in buckets.
+        self.thresholds: dict[str, int] = {name: threshold(p) for name, p in defaults.items()}
+        self.loaded = False
+        self.connected: bool | None = None
+        self.last_sync_monotonic: float | None = None
+        self._changed_at: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        for state in self.states.values():
+            self._notify(state)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self, initial_timeout_s: float = 2.0) -> None:
+        """Start following Redis; wait briefly for a first read so we start ready if we can."""
+        self._task = asyncio.create_task(self._follow(), name="rollout-follow")
+        deadline = time.monotonic() + initial_timeout_s
+        while not self.loaded and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # -- updates ---------------------------------------------------------------------------
+    def apply(self, state: RolloutState, *, received_at: float | None = None) -> None:
+        """Install one experiment's state (copy-on-write, so readers see old or new, never mixed)."""
+        if state.experiment not in self.states:
+            return
+        self._changed_at[state.experiment] = time.monotonic() if received_at is None else received_at
+        self._install({**self.states, state.experiment: state})
+        self._notify(state)
+
+    def _install(self, states: dict[str, RolloutState]) -> None:
+        self.states = states
+        self.thresholds = {name: threshold(s.percent) for name, s in states.items()}
+
+    def _notify(self, state: RolloutState) -> None:
+        if self._on_change is not None:
+            self._on_change(state)
+
+    def _apply_snapshot(self, snapshot: dict[str, RolloutState], started_at: float) -> None:
+        merged = dict(self.states)
+        changed = []
+        for name, state in snapshot.items():
+            # A pub/sub message that arrived while the snapshot was in flight is newer.
+            if self._changed_at.get(name, -1.0) > started_at:
+                continue
+            if merged.get(name) != state:
+                changed.append(state)
+            merged[name] = state
+        self._install(merged)
+        for state in changed:
+            self._notify(state)
+        self.loaded = True
+        self.last_sync_monotonic = time.monotonic()
+
+    def _apply_message(self, data: str | bytes) -> None:
+        try:
+            msg: dict[str, Any] = orjson.loads(data)
+            state = RolloutState(
+                msg["experiment"],
+                float(msg["percent"]),
+                "redis",
+                int(msg["rev"]),
+                float(msg["updated_at"]),
+                msg.get("updated_by") or None,
+                msg.get("reason") or None,
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("rollout_message_ignored", reason="malformed")
+            return
+        self.apply(state)
+        self.last_sync_monotonic = time.monotonic()
+
+    async def resync(self) -> None:
+        started_at = time.monotonic()
+        self._apply_snapshot(await self._store.snapshot(), started_at)
+
+    # -- the background task ---------------------------------------------------------------
+    def _set_connected(self, connected: bool, error: BaseException | None = None) -> None:
+        if connected == self.connected:
+            return
+        self.connected = connected
+        if connected:
+            log.info("rollout_store_connected")
+        else:
+            log.warning("rollout_store_unavailable", error=str(error), serving="last known percents")
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._subscribe_and_follow()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, StateUnavailable) as exc:
+                if self.connected:
+                    backoff = 0.1  # a fresh outage: retry fast, then back off to 1 s
+                self._set_connected(False, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _subscribe_and_follow(self) -> None:
+        pubsub = self._store.pubsub()
+        try:
+            await pubsub.subscribe(CHANNEL)
+            # Subscribe first, then read: a change made in between is seen by one or the other.
+            await self.resync()
+            self._set_connected(True)
+            next_resync = time.monotonic() + self._resync_interval_s
+            while True:
+                wait = max(0.0, next_resync - time.monotonic())
+                message = await pubsub.get_message(timeout=wait)
+                if message is not None and message.get("type") == "message":
+                    self._apply_message(message["data"])
+                if time.monotonic() >= next_resync:
+                    await self.resync()
+                    next_resync = time.monotonic() + self._resync_interval_s
+        finally:
+            try:
+                await pubsub.aclose()
+            except (RedisError, OSError):
+                pass

@@ -1,0 +1,163 @@
+"""FastAPI routes off the hot path: the admin API, health, readiness and metrics.
+
+The admin API is refused outright when no token is configured: a rollout switch that anyone
+on the network can flip is worse than none.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from proxy.config import validate_percent
+from proxy.errors import AdminDisabled, AuthenticationFailed, NotFound, StateUnavailable
+from proxy.experiments import Arm, Experiment
+from proxy.rollout import AuditEntry, RolloutState
+from proxy.runtime import Runtime
+
+
+class RolloutUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    percent: Annotated[float, Field(strict=True)]
+    reason: Annotated[str | None, Field(max_length=500)] = None
+
+    @field_validator("percent")
+    @classmethod
+    def _percent(cls, value: float) -> float:
+        return validate_percent(value)
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """Check the bearer token in constant time; returns who is acting, for the audit."""
+    expected = _runtime(request).settings.admin_token
+    if expected is None:
+        raise AdminDisabled("the admin API is disabled: set ABPROXY_ADMIN_TOKEN to enable it")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise AuthenticationFailed("missing or invalid admin token (Authorization: Bearer ...)")
+    actor = request.headers.get("x-abproxy-actor", "").strip()
+    return actor[:128] or "admin"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _arm_view(arm: Arm) -> dict[str, Any]:
+    return {"model": arm.model_key, "upstream": arm.upstream, "upstream_model": arm.upstream_model}
+
+
+def experiment_view(exp: Experiment, state: RolloutState, *, stale: bool = False) -> dict[str, Any]:
+    return {
+        "name": exp.name,
+        "aliases": list(exp.aliases),
+        "salt": exp.salt,
+        "control": _arm_view(exp.control),
+        "treatment": _arm_view(exp.treatment),
+        "percent": state.percent,
+        "source": state.source,
+        "rev": state.rev,
+        "updated_at": _iso(state.updated_at),
+        "updated_by": state.updated_by,
+        "reason": state.reason,
+        "stale": stale,
+    }
+
+
+def _audit_view(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "from": entry.from_percent,
+        "to": entry.to_percent,
+        "by": entry.by,
+        "at": _iso(entry.at),
+        "reason": entry.reason,
+    }
+
+
+def _experiment(runtime: Runtime, name: str) -> Experiment:
+    exp = runtime.router.experiments.get(name)
+    if exp is None:
+        raise NotFound(f"no experiment named {name!r}", param="name", code="experiment_not_found")
+    return exp
+
+
+async def _current(runtime: Runtime, exp: Experiment) -> dict[str, Any]:
+    """Redis is the truth; if it is down, say what this process routes by, marked stale."""
+    try:
+        return experiment_view(exp, await runtime.store.get(exp.name))
+    except StateUnavailable:
+        return experiment_view(exp, runtime.rollout.states[exp.name], stale=True)
+
+
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+@admin.get("/experiments")
+async def list_experiments(request: Request) -> dict[str, Any]:
+    runtime = _runtime(request)
+    return {"experiments": [await _current(runtime, exp) for exp in runtime.router.experiments.values()]}
+
+
+@admin.get("/experiments/{name}")
+async def get_experiment(request: Request, name: str) -> dict[str, Any]:
+    runtime = _runtime(request)
+    return await _current(runtime, _experiment(runtime, name))
+
+
+@admin.put("/experiments/{name}/rollout")
+async def set_rollout(
+    request: Request, name: str, update: RolloutUpdate, actor: Annotated[str, Depends(require_admin)]
+) -> dict[str, Any]:
+    runtime = _runtime(request)
+    exp = _experiment(runtime, name)
+    state, previous = await runtime.store.set_percent(name, update.percent, by=actor, reason=update.reason)
+    # This instance follows at once; the others follow from the pub/sub message.
+    runtime.rollout.apply(state)
+    return {**experiment_view(exp, state), "previous_percent": previous}
+
+
+@admin.get("/experiments/{name}/audit")
+async def get_audit(
+    request: Request, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+) -> dict[str, Any]:
+    runtime = _runtime(request)
+    _experiment(runtime, name)
+    entries = await runtime.store.audit(name, limit)
+    return {"experiment": name, "entries": [_audit_view(e) for e in entries]}
+
+
+ops = APIRouter()
+
+
+@ops.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz")
+async def readyz(request: Request) -> Response:
+    rollout = _runtime(request).rollout
+    body = {
+        "status": "ready" if rollout.loaded else "not ready",
+        "rollout_loaded": rollout.loaded,
+        "redis_connected": bool(rollout.connected),
+    }
+    return JSONResponse(body, status_code=200 if rollout.loaded else 503)
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

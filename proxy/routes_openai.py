@@ -1,0 +1,433 @@
+"""The OpenAI-compatible surface, `/v1/*`, as a raw ASGI handler.
+
+Raw ASGI rather than a Starlette or FastAPI route by measurement (README, "Speed"): the
+routing layers cost 10-40 % of throughput on a path whose whole job is a dict lookup, a
+hash and a forward. FastAPI serves everything else. Per request:
+    read body -> parse once -> find experiment -> hash user -> pick arm -> forward -> record
+The body stays a dict and is forwarded unchanged but for `model` (and, for streams,
+`stream_options.include_usage`, which the proxy needs to count tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.assignment import bucket, choose_variant
+from proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    UnknownModel,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxy.events import EventLog
+from proxy.experiments import Arm, Experiment, Router
+from proxy.metrics import Metrics
+from proxy.rollout import RolloutCache
+from proxy.sse import UsageTap
+from proxy.types import Receive, Scope, Send
+from proxy.upstream import DROPPED_REQUEST_HEADERS, DROPPED_RESPONSE_HEADERS, UpstreamPool, translate_errors
+
+# path -> (endpoint label, may stream)
+ENDPOINTS: dict[str, tuple[str, bool]] = {
+    "/v1/chat/completions": ("chat.completions", True),
+    "/v1/completions": ("completions", True),
+    "/v1/embeddings": ("embeddings", False),
+}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_JSON = b"application/json"
+_DROPPED_RESPONSE = frozenset(name.encode() for name in DROPPED_RESPONSE_HEADERS)
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer ended
+
+
+class ClientGone(Exception):
+    """The client disconnected while the proxy was still reading its request."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one forwarded request produced, for metrics and the event."""
+
+    status: int = 0
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # timeout | connect | 4xx | 5xx | cancelled
+
+
+class OpenAIHandler:
+    def __init__(
+        self,
+        router: Router,
+        rollout: RolloutCache,
+        upstreams: UpstreamPool,
+        metrics: Metrics,
+        events: EventLog,
+        *,
+        max_body_bytes: int,
+        user_hash_key: str = "",
+    ) -> None:
+        self.router = router
+        self.rollout = rollout
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.events = events
+        self.max_body_bytes = max_body_bytes
+        # blake2b keys are at most 64 bytes; longer secrets are folded to fit.
+        key = user_hash_key.encode()
+        self._user_hash_key = key if len(key) <= 64 else hashlib.sha512(key).digest()
+        self._models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": alias, "object": "model", "created": 0, "owned_by": f"abproxy:{exp.name}"}
+                    for alias, exp in router.by_alias.items()
+                ],
+            }
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id, user_header, episode_id, forward_headers = _read_headers(scope["headers"])
+        path: str = scope["path"]
+        try:
+            if path == "/v1/models" and scope["method"] == "GET":
+                await _send_json(send, 200, self._models_body, request_id)
+                return
+            route = ENDPOINTS.get(path)
+            if route is None:
+                raise NotFound(f"no route {scope['method']} {path}", code="unknown_url")
+            if scope["method"] != "POST":
+                raise InvalidRequest(f"{path} accepts POST only", code="method_not_allowed")
+            body = _parse_body(await self._read_body(receive))
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
+            experiment = self.router.by_alias.get(model)
+            if experiment is None:
+                raise UnknownModel(f"the model {model!r} does not exist or is not routed by this proxy", param="model")
+        except ClientGone:
+            return
+        except ProxyError as exc:
+            self.metrics.rejected.labels(str(exc.status_code)).inc()
+            await _send_error(send, exc, request_id, ())
+            self._emit_rejected(request_id, path, exc, started)
+            return
+
+        user_id = user_header or _body_user(body)
+        if user_id is None:
+            bucket_ = None
+            variant = "control"
+            self.metrics.unidentified.labels(experiment.name).inc()
+        else:
+            bucket_ = bucket(experiment.salt, user_id)
+            variant = choose_variant(bucket_, self.rollout.thresholds[experiment.name])
+        arm = experiment.arm(variant)
+        endpoint, can_stream = route
+        body["model"] = arm.upstream_model
+        stream = can_stream and body.get("stream") is True
+        client_wants_usage = True
+        if stream:
+            options = body.get("stream_options")
+            if options is None or isinstance(options, dict):
+                client_wants_usage = bool(options and options.get("include_usage") is True)
+                if not client_wants_usage:
+                    body["stream_options"] = {**(options or {}), "include_usage": True}
+        ours = (
+            (b"x-request-id", request_id.encode()),
+            (b"x-abproxy-experiment", experiment.name.encode()),
+            (b"x-abproxy-variant", variant.encode()),
+        )
+        outcome = Outcome()
+        try:
+            async with self.upstreams.post(arm.upstream, path[3:], orjson.dumps(body), forward_headers) as response:
+                outcome.status = response.status
+                if stream and response.status == 200:
+                    await self._relay_stream(response, receive, send, ours, started, outcome, arm, client_wants_usage)
+                else:
+                    await self._relay_body(response, send, ours, outcome, arm)
+        except UpstreamError as exc:
+            outcome.status = exc.status_code
+            outcome.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
+            await _send_error(send, exc, request_id, ours[1:])
+        except asyncio.CancelledError:
+            # The server is shutting down under us: still account for the request.
+            outcome.status, outcome.error = CLIENT_CLOSED, "cancelled"
+            raise
+        finally:
+            self._record(experiment, arm, endpoint, stream, request_id, user_id, bucket_, episode_id, outcome, started)
+
+    # -- request side ----------------------------------------------------------------------
+    async def _read_body(self, receive: Receive) -> bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body"):
+            if len(body) > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+            return body
+        parts = [body]
+        size = len(body)
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+            parts.append(part)
+        return b"".join(parts)
+
+    # -- response side ---------------------------------------------------------------------
+    async def _relay_body(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        ours: tuple[tuple[bytes, bytes], ...],
+        outcome: Outcome,
+        arm: Arm,
+    ) -> None:
+        with translate_errors(arm.upstream):
+            payload = await response.read()
+        status = response.status
+        if status == 200:
+            _count_usage(payload, outcome)
+        else:
+            outcome.error = "4xx" if status < 500 else "5xx"
+        headers = _response_headers(response, ours)
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _relay_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        receive: Receive,
+        send: Send,
+        ours: tuple[tuple[bytes, bytes], ...],
+        started: float,
+        outcome: Outcome,
+        arm: Arm,
+        client_wants_usage: bool,
+    ) -> None:
+        """Pump SSE events to the client while a watcher waits for the client to leave."""
+        pump = asyncio.ensure_future(self._pump(response, send, ours, started, outcome, arm, client_wants_usage))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not pump.done():
+                pump.cancel()
+                outcome.status, outcome.error = CLIENT_CLOSED, "cancelled"
+                try:
+                    await pump
+                except asyncio.CancelledError:
+                    pass
+                # Closing (not releasing) drops the connection: that is the upstream's cancel.
+                response.close()
+        if pump.done() and not pump.cancelled():
+            pump.result()  # re-raise what the pump raised
+
+    async def _pump(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        ours: tuple[tuple[bytes, bytes], ...],
+        started: float,
+        outcome: Outcome,
+        arm: Arm,
+        client_wants_usage: bool,
+    ) -> None:
+        tap = UsageTap(drop_usage_chunk=not client_wants_usage)
+        await send({"type": "http.response.start", "status": 200, "headers": _response_headers(response, ours)})
+        try:
+            with translate_errors(arm.upstream):
+                async for chunk in response.content.iter_any():
+                    if outcome.ttft_s is None:
+                        outcome.ttft_s = time.perf_counter() - started
+                    out = tap.feed(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+        except UpstreamError as exc:
+            # Headers are gone already: tell the client in-band, the way OpenAI does.
+            outcome.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
+            outcome.status = exc.status_code
+            event = b"data: " + exc.to_json() + b"\n\n"
+            await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
+            return
+        if tap.usage is not None:
+            _usage_into(tap.usage, outcome)
+        if tap.error is not None:
+            outcome.error = "5xx"
+        await send({"type": "http.response.body", "body": tap.finish(), "more_body": False})
+
+    # -- recording -------------------------------------------------------------------------
+    def _record(
+        self,
+        experiment: Experiment,
+        arm: Arm,
+        endpoint: str,
+        stream: bool,
+        request_id: str,
+        user_id: str | None,
+        bucket_: int | None,
+        episode_id: str | None,
+        outcome: Outcome,
+        started: float,
+    ) -> None:
+        duration = time.perf_counter() - started
+        cost = arm.pricing.cost_usd(outcome.prompt_tokens, outcome.completion_tokens)
+        self.metrics.observe(
+            experiment.name, arm.variant, arm.upstream_model, endpoint, stream, outcome.status,
+            duration, outcome.ttft_s, outcome.prompt_tokens, outcome.completion_tokens, cost,
+        )  # fmt: skip
+        if outcome.error is not None:
+            self.metrics.upstream_error(experiment.name, arm.variant, arm.upstream_model, outcome.error)
+        self.events.emit(
+            {
+                "ts": time.time(),
+                "request_id": request_id,
+                "experiment": experiment.name,
+                "variant": arm.variant,
+                "model": arm.model_key,
+                "upstream_model": arm.upstream_model,
+                "user_hash": self._hash_user(user_id),
+                "bucket": bucket_,
+                "episode_id": episode_id,
+                "endpoint": endpoint,
+                "stream": stream,
+                "status": outcome.status,
+                "error": outcome.error,
+                "latency_ms": round(duration * 1000, 3),
+                "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 3),
+                "prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+                "cost_usd": cost,
+            }
+        )
+
+    def _emit_rejected(self, request_id: str, path: str, exc: ProxyError, started: float) -> None:
+        self.events.emit(
+            {
+                "ts": time.time(),
+                "request_id": request_id,
+                "experiment": None,
+                "path": path,
+                "status": exc.status_code,
+                "error": exc.code,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        )
+
+    def _hash_user(self, user_id: str | None) -> str | None:
+        if user_id is None:
+            return None
+        return hashlib.blake2b(user_id.encode(), digest_size=8, key=self._user_hash_key).hexdigest()
+
+
+def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None, str | None, dict[str, str]]:
+    """One pass over the client's headers: ids the proxy uses, and the ones to forward."""
+    request_id = user_id = episode_id = None
+    forward: dict[str, str] = {}
+    for name, value in raw:
+        if name == b"x-user-id":
+            user_id = value.decode("latin-1") or None
+        elif name == b"x-episode-id":
+            episode_id = value.decode("latin-1")[:256] or None
+        elif name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(candidate):
+                request_id = candidate
+        else:
+            key = name.decode("latin-1")
+            if key not in DROPPED_REQUEST_HEADERS:
+                forward[key] = value.decode("latin-1")
+    return request_id or os.urandom(12).hex(), user_id, episode_id, forward
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
+    return body
+
+
+def _body_user(body: dict[str, Any]) -> str | None:
+    for field in ("user", "safety_identifier"):
+        value = body.get(field)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _count_usage(payload: bytes, outcome: Outcome) -> None:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+        _usage_into(obj["usage"], outcome)
+
+
+def _usage_into(usage: dict[str, Any], outcome: Outcome) -> None:
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    outcome.prompt_tokens = prompt if isinstance(prompt, int) else 0
+    outcome.completion_tokens = completion if isinstance(completion, int) else 0
+
+
+def _response_headers(
+    response: aiohttp.ClientResponse, ours: tuple[tuple[bytes, bytes], ...]
+) -> list[tuple[bytes, bytes]]:
+    headers = list(ours)
+    for name, value in response.raw_headers:
+        lower = name.lower()
+        if lower == b"x-request-id":
+            headers.append((b"x-upstream-request-id", value))
+        elif lower not in _DROPPED_RESPONSE:
+            headers.append((lower, value))
+    return headers
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(
+    send: Send, status: int, payload: bytes, request_id: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    headers = [
+        (b"content-type", _JSON),
+        (b"content-length", str(len(payload)).encode()),
+        (b"x-request-id", request_id.encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _send_error(
+    send: Send, exc: ProxyError, request_id: str, extra: tuple[tuple[bytes, bytes], ...]
+) -> None:
+    await _send_json(send, exc.status_code, exc.to_json(), request_id, extra)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is larger than {limit} bytes")

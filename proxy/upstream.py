@@ -1,0 +1,105 @@
+"""Forwarding to upstreams: one pooled aiohttp session, per-upstream headers built once.
+
+aiohttp rather than httpx on this path by measurement (README, "Speed"): httpx's default
+transport re-checks every pooled connection per request and collapses under concurrency.
+aiohttp exceptions are translated into the proxy's error tree here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import aiohttp
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+
+# Client headers never forwarded: credentials for *this* proxy or another provider, values
+# aiohttp recomputes, the proxy's own routing headers, and hop-by-hop headers (RFC 9110 7.6.1).
+DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        "authorization", "api-key", "x-api-key", "openai-organization", "openai-project", "cookie",
+        "host", "content-length", "content-type", "accept-encoding", "expect",
+        "x-user-id", "x-episode-id", "x-request-id",
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+
+# Upstream response headers not passed back: hop-by-hop, framing the proxy redoes, cookies
+# scoped to the provider, and the upstream's request id (exposed as x-upstream-request-id).
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+        "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie",
+        "date", "server", "x-request-id",
+    }
+)  # fmt: skip
+
+
+class Upstream:
+    def __init__(self, name: str, config: UpstreamConfig) -> None:
+        self.name = name
+        self.base_url = config.base_url
+        headers = {"Content-Type": "application/json"}
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self.headers = headers
+        # sock_read bounds the silence between chunks, so a long but live stream is not cut.
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s
+        )
+
+
+class UpstreamPool:
+    def __init__(self, upstreams: dict[str, UpstreamConfig]) -> None:
+        self.upstreams = {name: Upstream(name, cfg) for name, cfg in upstreams.items()}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # auto_decompress: the proxy reads usage from bodies and re-frames them for the client.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, raise_for_status=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @asynccontextmanager
+    async def post(
+        self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST and yield the response once its headers are in; the body is the caller's to
+        read, inside `translate_errors`. Leaving early (error, cancellation) closes the
+        connection, which is how the upstream learns the client went away."""
+        assert self._session is not None, "UpstreamPool.start() was not awaited"
+        target = self.upstreams[upstream]
+        headers = {**client_headers, **target.headers} if client_headers else target.headers
+        with translate_errors(target.name):
+            response = await self._session.post(
+                target.base_url + path, data=body, headers=headers, timeout=target.timeout
+            )
+        try:
+            yield response
+        except BaseException:
+            response.close()
+            raise
+        finally:
+            response.release()
+
+
+@contextmanager
+def translate_errors(upstream: str) -> Iterator[None]:
+    """Map aiohttp/asyncio failures to UpstreamTimeout / UpstreamUnreachable (the one seam)."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    # TimeoutError is an OSError: it must be matched first.
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamUnreachable(f"upstream {upstream} is unreachable: {type(exc).__name__}") from exc
