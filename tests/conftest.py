@@ -1,0 +1,54 @@
+"""Fixtures that start real processes. Session-scoped where tests can share them safely."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.harness import UPSTREAM_KEYS, MockUpstream, ProxyServer, RedisServer, proxy_config
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("procs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(session_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The shared redis-server, emptied before each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def upstreams(session_dir: Path) -> Iterator[tuple[MockUpstream, MockUpstream]]:
+    """Two mock upstreams that demand their own keys, so tests prove the proxy injects them."""
+    base = MockUpstream("base", session_dir, api_key=UPSTREAM_KEYS["base"], tokens_per_s=0)
+    finetuned = MockUpstream("finetuned", session_dir, api_key=UPSTREAM_KEYS["finetuned"], tokens_per_s=0)
+    base.start()
+    finetuned.start()
+    yield base, finetuned
+    base.stop()
+    finetuned.stop()
+
+
+@pytest.fixture()
+def proxy(upstreams: tuple[MockUpstream, MockUpstream], redis_url: str, tmp_path: Path) -> Iterator[ProxyServer]:
+    """A proxy process in front of the mock upstreams, on a freshly emptied Redis."""
+    server = ProxyServer(proxy_config(*upstreams), tmp_path, redis_url)
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,223 @@
+"""Real processes for tests: a redis-server, mock upstreams and proxies, each on a free port.
+
+Nothing here is a fake: tests talk to the same binaries a user runs. Every process is started
+with its output in a file under the test's tmp dir, so a failing test can show it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ADMIN_TOKEN = "test-admin-token"
+UPSTREAM_KEYS = {"base": "sk-base-secret-0001", "finetuned": "sk-ft-secret-0002"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Process:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = {**os.environ, **(env or {})}
+        self.stdout_path = log_dir / f"{name}.stdout"
+        self.stderr_path = log_dir / f"{name}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self.stdout_path.open("ab"),
+            stderr=self.stderr_path.open("ab"),
+            env=self.env,
+            start_new_session=True,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> str:
+        out = self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+        err = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return f"--- {self.name} stdout ---\n{out[-4000:]}\n--- {self.name} stderr ---\n{err[-4000:]}"
+
+
+class RedisServer(Process):
+    """A throwaway redis-server; stop() and start() again keep the same port (outage tests)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        super().__init__(f"redis-{self.port}", argv, log_dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        super().start()
+        wait_until(lambda: _port_open(self.port), what="redis-server")
+
+
+class MockUpstream(Process):
+    def __init__(self, name: str, log_dir: Path, *, api_key: str | None = None, **options: float) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(self.port), "--name", name]
+        for key, value in options.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        super().__init__(f"mock-{name}-{self.port}", argv, log_dir, {"MOCK_API_KEY": api_key} if api_key else None)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        super().start()
+        wait_until(lambda: _port_open(self.port), what=self.name)
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/mock/stats").json()  # type: ignore[no-any-return]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/mock/requests").json()  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/mock/reset")
+
+
+def proxy_config(base: MockUpstream, finetuned: MockUpstream, **overrides: Any) -> dict[str, Any]:
+    """The standard two-arm config used by the tests, pointing at two mock upstreams."""
+    config: dict[str, Any] = {
+        "upstreams": {
+            "up-base": {"base_url": f"{base.url}/v1", "api_key_env": "BASE_KEY", "timeout_s": 5},
+            "up-ft": {"base_url": f"{finetuned.url}/v1", "api_key_env": "FT_KEY", "timeout_s": 5},
+        },
+        "models": {
+            "base": {"upstream": "up-base", "model": "gpt-4o-mini", "pricing": {"input_per_1m": 0.15, "output_per_1m": 0.60}},
+            "finetuned": {
+                "upstream": "up-ft",
+                "model": "ft:gpt-4o-mini:acme:sales-v2:abc123",
+                "pricing": {"input_per_1m": 0.30, "output_per_1m": 1.20},
+            },
+        },
+        "experiments": {
+            "sales-companion": {
+                "aliases": ["sales-companion", "gpt-4o-mini"],
+                "control": "base",
+                "treatment": "finetuned",
+                "salt": "sales-v2",
+                "rollout_percent": 0,
+            }
+        },
+        "rollout": {"resync_interval_s": 1.0, "redis_timeout_s": 0.5},
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+class ProxyServer(Process):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        log_dir: Path,
+        redis_url: str,
+        *,
+        admin_token: str | None = ADMIN_TOKEN,
+        extra_env: dict[str, str] | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.port = free_port()
+        config_file = log_dir / f"proxy-{self.port}.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        env = {"REDIS_URL": redis_url, "BASE_KEY": UPSTREAM_KEYS["base"], "FT_KEY": UPSTREAM_KEYS["finetuned"]}
+        if admin_token:
+            env["ABPROXY_ADMIN_TOKEN"] = admin_token
+        else:
+            env["ABPROXY_ADMIN_TOKEN"] = ""
+        env.update(extra_env or {})
+        argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config_file), "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", str(workers), "--log-level", "info"]  # fmt: skip
+        super().__init__(f"proxy-{self.port}", argv, log_dir, env)
+        self.admin_token = admin_token
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_ready: bool = True) -> None:
+        super().start()
+        try:
+            wait_until(lambda: httpx.get(f"{self.url}/healthz").status_code == 200, timeout=20, what=self.name)
+            if wait_ready:
+                wait_until(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, timeout=10, what="ready")
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} did not start\n{self.logs()}") from None
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=10)
+
+    def set_percent(self, percent: float, experiment: str = "sales-companion", reason: str | None = None) -> dict[str, Any]:
+        with self.admin() as client:
+            response = client.put(f"/admin/experiments/{experiment}/rollout", json={"percent": percent, "reason": reason})
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.url}/metrics").text
+
+    def events(self) -> list[dict[str, Any]]:
+        """The per-request JSON events the proxy wrote to stdout so far (flushed every 100 ms)."""
+        import json
+
+        lines = self.stdout_path.read_text().splitlines() if self.stdout_path.exists() else []
+        return [json.loads(line) for line in lines if line.startswith("{")]
