@@ -213,5 +213,19 @@ def mock_upstream(port: int, name: str, host: str, latency_ms: float, tokens_per
     run(host=host, port=port, name=name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key)
 
 
+@main.command()
+@click.option("--users", default=2000, show_default=True, help="Simulated users.")
+@click.option("--requests-per-user", default=2, show_default=True, help="Requests per user at each rollout step.")
+@click.option("--concurrency", default=32, show_default=True)
+def demo(users: int, requests_per_user: int, concurrency: int) -> None:
+    """Run Redis (unless REDIS_URL is set), two mock upstreams and the proxy; ramp 10 % -> 50 %; print the table."""
+    from proxy.demo import run_demo
+
+    try:
+        run_demo(users, requests_per_user, concurrency)
+    except RuntimeError as exc:
+        _fail(f"demo failed: {exc}")
+
+
 if __name__ == "__main__":
     main()

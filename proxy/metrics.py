@@ -35,26 +35,30 @@ class Metrics:
         self.requests = Counter(
             "abproxy_requests", "Requests answered, by upstream or proxy status code.",
             [*ARM, "endpoint", "stream", "code"], registry=r,
-        )  # fmt: skip
+        )
         self.duration = Histogram(
             "abproxy_request_duration_seconds", "Time from request received to last byte sent.",
             [*ARM, "endpoint", "stream"], buckets=DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
+        )
         self.ttft = Histogram(
-            "abproxy_time_to_first_token_seconds", "Streams: time from request received to first upstream chunk.",
+            "abproxy_time_to_first_token_seconds",
+            "Streams: time from request received to first upstream chunk.",
             [*ARM, "endpoint"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
+        )
         self.tokens = Counter("abproxy_tokens", "Tokens reported by the upstream's usage.", [*ARM, "kind"], registry=r)
         self.cost = Counter("abproxy_cost_usd", "Cost in USD from the model's configured pricing.", ARM, registry=r)
         self.upstream_errors = Counter(
             "abproxy_upstream_errors", "Upstream failures by reason (timeout, connect, 4xx, 5xx, cancelled).",
             [*ARM, "reason"], registry=r,
-        )  # fmt: skip
+        )
         self.unidentified = Counter(
             "abproxy_unidentified_requests", "Requests with no user id, sent to control.", ["experiment"], registry=r
         )
         self.rejected = Counter(
-            "abproxy_rejected_requests", "Requests refused before routing (bad body, unknown model).", ["code"], registry=r
+            "abproxy_rejected_requests",
+            "Requests refused before routing (bad body, unknown model).",
+            ["code"],
+            registry=r,
         )
         self.rollout_percent = Gauge(
             "abproxy_rollout_percent", "Live percent of users in treatment.", ["experiment"], registry=r
@@ -82,7 +86,7 @@ class Metrics:
         self,
         experiment: str, variant: str, model: str, endpoint: str, stream: bool, code: int,
         duration_s: float, ttft_s: float | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         c = self._for(experiment, variant, model, endpoint, stream, code)
         c.requests.inc()
         c.duration.observe(duration_s)

@@ -233,7 +233,7 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
     if not isinstance(messages, list) or not messages:
         raise _OpenAIError(400, "'messages' must be a non-empty array", param="messages")
     texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
-    last_user = next((t for m, t in zip(reversed(messages), reversed(texts))
+    last_user = next((t for m, t in zip(reversed(messages), reversed(texts), strict=True)
                       if isinstance(m, dict) and m.get("role") == "user"), "")
     words = _reply(ctx.state.name, model, len(messages), "messages", last_user)
     usage = _usage(max(1, sum(_words(t) + 3 for t in texts)), len(words))

@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -52,12 +52,12 @@ local old = redis.call('HGET', KEYS[1], 'percent')
 local from = old or ARGV[7]
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('HSET', KEYS[1], 'percent', ARGV[1], 'updated_at', ARGV[2], 'updated_by', ARGV[3], 'reason', ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*',
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', AUDIT_MAXLEN, '*',
            'from', from, 'to', ARGV[1], 'by', ARGV[3], 'at', ARGV[2], 'reason', ARGV[4])
 redis.call('PUBLISH', ARGV[5], cjson.encode({experiment=ARGV[6], percent=ARGV[1], rev=rev,
            updated_at=ARGV[2], updated_by=ARGV[3], reason=ARGV[4]}))
 return {from, rev}
-""" % AUDIT_MAXLEN
+""".replace("AUDIT_MAXLEN", str(AUDIT_MAXLEN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +131,7 @@ class RolloutStore:
 
     async def get(self, experiment: str) -> RolloutState:
         try:
-            fields: dict[str, str] = await self._redis.hgetall(state_key(experiment))
+            fields = cast(dict[str, str], await self._redis.hgetall(state_key(experiment)))
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
         return RolloutState.from_hash(experiment, fields, self._defaults[experiment])
@@ -144,7 +144,7 @@ class RolloutStore:
         args = [
             _fmt_percent(percent), repr(now), by, reason or "", CHANNEL, experiment,
             _fmt_percent(self._defaults[experiment]),
-        ]  # fmt: skip
+        ]
         try:
             previous, rev = await self._set(keys=[state_key(experiment), audit_key(experiment)], args=args)
         except (RedisError, OSError) as exc:
@@ -155,7 +155,8 @@ class RolloutStore:
     async def audit(self, experiment: str, count: int = 100) -> list[AuditEntry]:
         """Newest first."""
         try:
-            rows = await self._redis.xrevrange(audit_key(experiment), count=count)
+            raw = await self._redis.xrevrange(audit_key(experiment), count=count)
+            rows = cast(list[tuple[str, dict[str, str]]], raw)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
         return [
@@ -310,6 +311,6 @@ class RolloutCache:
                     next_resync = time.monotonic() + self._resync_interval_s
         finally:
             try:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
             except (RedisError, OSError):
                 pass

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.assignment import bucket, choose_variant
+from proxy.assignment import Variant, bucket, choose_variant
 from proxy.errors import (
     InvalidRequest,
     NotFound,
@@ -126,6 +126,7 @@ class OpenAIHandler:
             return
 
         user_id = user_header or _body_user(body)
+        variant: Variant
         if user_id is None:
             bucket_ = None
             variant = "control"
@@ -294,7 +295,7 @@ class OpenAIHandler:
         self.metrics.observe(
             experiment.name, arm.variant, arm.upstream_model, endpoint, stream, outcome.status,
             duration, outcome.ttft_s, outcome.prompt_tokens, outcome.completion_tokens, cost,
-        )  # fmt: skip
+        )
         if outcome.error is not None:
             self.metrics.upstream_error(experiment.name, arm.variant, arm.upstream_model, outcome.error)
         self.events.emit(

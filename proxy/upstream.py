@@ -7,7 +7,6 @@ aiohttp exceptions are translated into the proxy's error tree here and nowhere e
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -26,7 +25,7 @@ DROPPED_REQUEST_HEADERS = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
         "te", "trailer", "transfer-encoding", "upgrade",
     }
-)  # fmt: skip
+)
 
 # Upstream response headers not passed back: hop-by-hop, framing the proxy redoes, cookies
 # scoped to the provider, and the upstream's request id (exposed as x-upstream-request-id).
@@ -36,7 +35,7 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie",
         "date", "server", "x-request-id",
     }
-)  # fmt: skip
+)
 
 
 class Upstream:
@@ -99,7 +98,7 @@ def translate_errors(upstream: str) -> Iterator[None]:
     except UpstreamError:
         raise
     # TimeoutError is an OSError: it must be matched first.
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamUnreachable(f"upstream {upstream} is unreachable: {type(exc).__name__}") from exc

@@ -1,0 +1,288 @@
+"""`abproxy demo`: the whole product on one machine, with no API key.
+
+Starts Redis (unless REDIS_URL is set), two mock upstreams and the proxy, then drives simulated
+users through the official openai client while ramping the rollout 10 % -> 50 % through the
+admin API, and prints a per-variant table built from the proxy's own event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import yaml
+from openai.types.chat import ChatCompletionMessageParam
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from proxy.assignment import bucket, choose_variant, threshold
+
+EXPERIMENT = "sales-companion"
+SALT = "sales-v2"
+PROMPTS = [
+    "Draft a follow-up email to a prospect who went quiet after the demo.",
+    "Summarise this call: pricing objections, wants SSO, decision in Q3.",
+    "Which of our plans fits a 40-seat team with audit needs?",
+    "Write a two-line LinkedIn intro for a CFO at a logistics company.",
+    "The customer says we're too expensive. What do I say?",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s")
+
+
+class Stack:
+    """The demo's processes; all stopped on exit, whatever happens."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None) -> Path:
+        out = self.workdir / f"{name}.out"
+        proc = subprocess.Popen(
+            argv,
+            stdout=out.open("wb"),
+            stderr=(self.workdir / f"{name}.err").open("wb"),
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        try:
+            _wait_for_port(port, proc, name)
+        except RuntimeError as exc:
+            err = (self.workdir / f"{name}.err").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{exc}\n{err}") from None
+        return out
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
+def running_stack(console: Console) -> Iterator[tuple[str, str, Path]]:
+    """Yield (proxy url, admin token, event file) with everything running."""
+    with tempfile.TemporaryDirectory(prefix="abproxy-demo-") as tmp:
+        workdir = Path(tmp)
+        stack = Stack(workdir)
+        try:
+            redis_url = os.environ.get("REDIS_URL")
+            if redis_url is None:
+                binary = shutil.which("redis-server")
+                if binary is None:
+                    raise RuntimeError(
+                        "no REDIS_URL and no redis-server on PATH: install one "
+                        "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) or set REDIS_URL"
+                    )
+                port = _free_port()
+                stack.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""], port)
+                redis_url = f"redis://127.0.0.1:{port}/0"
+                console.print(f"[dim]redis-server on {redis_url}[/]")
+            ports = {"base": _free_port(), "finetuned": _free_port(), "proxy": _free_port()}
+            mock = [sys.executable, "-m", "proxy", "mock-upstream"]
+            stack.start("mock-base", [*mock, "--port", str(ports["base"]), "--name", "base",
+                                      "--latency-ms", "40", "--tokens-per-s", "400"], ports["base"])
+            stack.start("mock-ft", [*mock, "--port", str(ports["finetuned"]), "--name", "finetuned",
+                                    "--latency-ms", "55", "--tokens-per-s", "500"], ports["finetuned"])
+            config = workdir / "demo.yaml"
+            config.write_text(yaml.safe_dump(_demo_config(ports["base"], ports["finetuned"])))
+            token = secrets.token_urlsafe(24)
+            events = stack.start(
+                "proxy",
+                [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--host", "127.0.0.1",
+                 "--port", str(ports["proxy"]), "--log-level", "warning"],
+                ports["proxy"],
+                env={"REDIS_URL": redis_url, "ABPROXY_ADMIN_TOKEN": token},
+            )
+            console.print(f"[dim]mock upstreams on :{ports['base']} and :{ports['finetuned']}, "
+                          f"proxy on http://127.0.0.1:{ports['proxy']}[/]")
+            yield f"http://127.0.0.1:{ports['proxy']}", token, events
+        finally:
+            stack.stop()
+
+
+def _demo_config(base_port: int, ft_port: int) -> dict[str, Any]:
+    return {
+        "upstreams": {
+            "mock-base": {"base_url": f"http://127.0.0.1:{base_port}/v1", "timeout_s": 30},
+            "mock-finetuned": {"base_url": f"http://127.0.0.1:{ft_port}/v1", "timeout_s": 30},
+        },
+        "models": {
+            "base": {"upstream": "mock-base", "model": "gpt-4o-mini",
+                     "pricing": {"input_per_1m": 0.15, "output_per_1m": 0.60}},
+            "finetuned": {"upstream": "mock-finetuned", "model": "ft:gpt-4o-mini:acme:sales-v2:abc123",
+                          "pricing": {"input_per_1m": 0.30, "output_per_1m": 1.20}},
+        },
+        "experiments": {
+            EXPERIMENT: {"aliases": [EXPERIMENT, "gpt-4o-mini"], "control": "base", "treatment": "finetuned",
+                         "salt": SALT, "rollout_percent": 0},
+        },
+    }
+
+
+async def _drive(
+    client: openai.AsyncOpenAI,
+    users: list[str],
+    requests_per_user: int,
+    concurrency: int,
+    progress: Progress,
+    label: str,
+) -> dict[str, str]:
+    """Send requests for every user; return the variant each user was served."""
+    seen: dict[str, str] = {}
+    jobs = [(user, i) for user in users for i in range(requests_per_user)]
+    random.shuffle(jobs)
+    task = progress.add_task(label, total=len(jobs))
+    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        while not queue.empty():
+            user, i = queue.get_nowait()
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": random.choice(PROMPTS)}]
+            headers = {"X-User-Id": user, "X-Episode-Id": f"{user}-conv"}
+            if i % 3 == 0:  # a third of the traffic streams, as chat UIs do
+                chunks = await client.chat.completions.create(
+                    model=EXPERIMENT, messages=messages, stream=True, extra_headers=headers
+                )
+                async for _ in chunks:
+                    pass
+                variant = chunks.response.headers["x-abproxy-variant"]
+            else:
+                answered = await client.chat.completions.with_raw_response.create(
+                    model=EXPERIMENT, messages=messages, extra_headers=headers
+                )
+                variant = answered.headers["x-abproxy-variant"]
+            seen[user] = variant
+            progress.advance(task)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return seen
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _report(console: Console, events: list[dict[str, Any]], title: str) -> None:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if e.get("experiment") == EXPERIMENT:
+            groups[e["variant"]].append(e)
+    total = sum(len(g) for g in groups.values())
+    table = Table(title=title)
+    columns = ("variant", "requests", "share", "p50 ms", "p99 ms", "TTFT p50 ms", "tokens/resp", "$ per 1k queries")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for variant in ("control", "treatment"):
+        rows = groups.get(variant, [])
+        if not rows:
+            table.add_row(variant, "0", "0.0%", "-", "-", "-", "-", "-")
+            continue
+        latency = [r["latency_ms"] for r in rows]
+        ttft = [r["ttft_ms"] for r in rows if r.get("ttft_ms") is not None]
+        table.add_row(
+            variant,
+            str(len(rows)),
+            f"{100 * len(rows) / total:.1f}%",
+            f"{_percentile(latency, 50):.1f}",
+            f"{_percentile(latency, 99):.1f}",
+            f"{_percentile(ttft, 50):.1f}" if ttft else "-",
+            f"{statistics.fmean(r['completion_tokens'] for r in rows):.1f}",
+            f"{1000 * statistics.fmean(r['cost_usd'] for r in rows):.4f}",
+        )
+    console.print(table)
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.startswith(b"{")]
+
+
+async def _ramp(
+    url: str, token: str, user_ids: list[str], requests_per_user: int, concurrency: int, console: Console
+) -> tuple[dict[int, dict[str, str]], list[float], list[dict[str, Any]]]:
+    """Ramp 10 % -> 50 % through the admin API, driving every user at each step."""
+    served: dict[int, dict[str, str]] = {}
+    marks: list[float] = []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as admin:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="demo-client-key", max_retries=0)
+        with Progress(console=console) as progress:
+            for percent, reason in ((10, "canary"), (50, "beta")):
+                response = await admin.put(
+                    f"/admin/experiments/{EXPERIMENT}/rollout", json={"percent": percent, "reason": reason}
+                )
+                response.raise_for_status()
+                marks.append(time.time())
+                label = f"rollout {percent:>3}%"
+                served[percent] = await _drive(client, user_ids, requests_per_user, concurrency, progress, label)
+        await client.close()
+        audit = (await admin.get(f"/admin/experiments/{EXPERIMENT}/audit")).json()["entries"]
+    return served, marks, audit
+
+
+def run_demo(users: int = 2000, requests_per_user: int = 2, concurrency: int = 32) -> None:
+    console = Console(width=max(Console().width, 110))
+    console.rule("llm-ab-proxy demo")
+    user_ids = [f"user-{i:05d}" for i in range(users)]
+    with running_stack(console) as (url, token, event_file):
+        served, marks, audit = asyncio.run(_ramp(url, token, user_ids, requests_per_user, concurrency, console))
+        time.sleep(0.3)  # the proxy flushes events every 100 ms
+        events = _read_events(event_file)
+
+    _report(console, [e for e in events if e["ts"] < marks[1]], "rollout 10 % (canary)")
+    _report(console, [e for e in events if e["ts"] >= marks[1]], "rollout 50 % (beta)")
+    moved_back = sum(1 for u in user_ids if served[10].get(u) == "treatment" and served[50].get(u) == "control")
+    expected = {u: choose_variant(bucket(SALT, u), threshold(50)) for u in user_ids}
+    agree = sum(1 for u in user_ids if served[50].get(u) == expected[u])
+    console.print(f"users moved from treatment back to control when the rollout rose: [bold]{moved_back}[/]")
+    console.print(f"users whose variant matches the public formula at 50 %: [bold]{agree}/{len(user_ids)}[/]")
+    steps = ", ".join(f"{e['from']:g}% -> {e['to']:g}% ({e['reason']})" for e in reversed(audit))
+    console.print(f"audit trail: {steps}")
+    console.print(f"[dim]{len(events)} events read from the proxy's event stream[/]")
