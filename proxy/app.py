@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import BinaryIO
@@ -22,7 +23,7 @@ from proxy.metrics import Metrics
 from proxy.routes_admin import admin, ops
 from proxy.routes_openai import OpenAIHandler
 from proxy.runtime import Runtime
-from proxy.types import Receive, Scope, Send
+from proxy.types import Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -42,10 +43,24 @@ class ProxyApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)  # lifespan
+        elif scope["path"].startswith("/v1/"):
             await self.openai(scope, receive, send)
         else:
-            await self.api(scope, receive, send)
+            await self.api(scope, receive, _with_request_id(send))
+
+
+def _with_request_id(send: Send) -> Send:
+    """Off the hot path, every answer still carries an x-request-id, like /v1 answers do."""
+    request_id = os.urandom(12).hex().encode()
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+        await send(message)
+
+    return send_with_id
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None, event_sink: BinaryIO | None = None) -> ProxyApp:
@@ -54,6 +69,14 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, event_sink
 
 def create_app_from_env() -> ProxyApp:
     """uvicorn factory for `--workers N`: each worker process loads the config itself."""
+    import logging
+
+    from proxy.logs import configure_logging
+
+    # Spawned workers do not inherit the parent's structlog setup; unconfigured, structlog
+    # prints to stdout, into the event stream. uvicorn has set its own loggers to --log-level
+    # in this worker already, so the level is taken from there.
+    configure_logging(logging.getLevelName(logging.getLogger("uvicorn.error").getEffectiveLevel()).lower())
     return create_app(load_settings(config_path(None)))
 
 
@@ -66,7 +89,7 @@ def _build_api(runtime: Runtime) -> FastAPI:
         finally:
             await runtime.stop()
 
-    api = FastAPI(title="llm-ab-proxy", lifespan=lifespan, docs_url="/admin/docs", openapi_url="/admin/openapi.json")
+    api = FastAPI(title="llm-ab-proxy", lifespan=lifespan, docs_url="/docs", openapi_url="/openapi.json")
     api.state.runtime = runtime
     api.include_router(admin)
     api.include_router(ops)

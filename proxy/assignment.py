@@ -20,7 +20,10 @@ Variant = Literal["control", "treatment"]
 def bucket(salt: str, user_id: str) -> int:
     # Salted per experiment so that a new experiment reshuffles users on purpose and two
     # concurrent experiments do not treat the same users.
-    return int(mmh3.hash(f"{salt}:{user_id}", seed=0, signed=False)) % BUCKETS
+    # Encoded here rather than by mmh3: a lone surrogate (from a mis-decoded argv) crashes mmh3's
+    # own str path; surrogatepass keeps every valid id's UTF-8 bytes, and so its bucket, unchanged.
+    key = f"{salt}:{user_id}".encode("utf-8", "surrogatepass")
+    return int(mmh3.hash(key, seed=0, signed=False)) % BUCKETS
 
 
 def threshold(percent: float) -> int:

@@ -181,7 +181,8 @@ def rollout_set(experiment: str, percent: float, reason: str | None, url: str | 
         body = _call(
             client, "PUT", f"/admin/experiments/{experiment}/rollout", json={"percent": percent, "reason": reason}
         )
-    click.echo(f"{experiment}: {body['previous_percent']:g}% -> {body['percent']:g}%")
+    previous = "?" if body["previous_percent"] is None else f"{body['previous_percent']:g}%"
+    click.echo(f"{experiment}: {previous} -> {body['percent']:g}%")
 
 
 @rollout.command("audit")

@@ -74,7 +74,8 @@ class ExperimentConfig(_Strict):
     control: str
     treatment: str
     salt: str | None = None
-    rollout_percent: float = 0.0
+    # Strict: lax mode turns YAML `yes`/`true` into 1.0 before validate_percent can refuse it.
+    rollout_percent: float = Field(default=0.0, strict=True)
 
     @field_validator("rollout_percent")
     @classmethod
@@ -142,7 +143,9 @@ class _KeyProblem(ValueError):
 
 
 def _format_validation_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # A misspelt key also makes its intended key "missing": name the typo, it is the cause.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     cause = err.get("ctx", {}).get("error")
     if isinstance(cause, _KeyProblem):
         return f"config error: {cause.key}: {cause.problem}"

@@ -32,6 +32,7 @@ from proxy.assignment import threshold
 from proxy.errors import StateUnavailable
 
 CHANNEL = "abproxy:rollout"
+RESTORER = "abproxy:restore"  # `updated_by` of a state written back after Redis lost it
 AUDIT_MAXLEN = 10_000
 
 log = structlog.get_logger("abproxy.rollout")
@@ -45,12 +46,22 @@ def audit_key(experiment: str) -> str:
     return f"abproxy:audit:{experiment}"
 
 
-# KEYS: state hash, audit stream. ARGV: percent, at, by, reason, channel, experiment, default.
-# `from` falls back to the config default: that is what was in force before the first write.
+# KEYS: state hash, audit stream. ARGV: percent, at, by, reason, channel, experiment, default,
+# restore_rev. `from` falls back to the config default: that was in force before the first write.
+# With restore_rev set, the write happens only if the hash is gone (Redis lost its data), so
+# several instances restoring at once write it once.
 _SET_SCRIPT = """
+local restore = ARGV[8] ~= ''
+if restore and redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local old = redis.call('HGET', KEYS[1], 'percent')
 local from = old or ARGV[7]
-local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
+local rev
+if restore then
+  rev = tonumber(ARGV[8])
+  redis.call('HSET', KEYS[1], 'rev', rev)
+else
+  rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
+end
 redis.call('HSET', KEYS[1], 'percent', ARGV[1], 'updated_at', ARGV[2], 'updated_by', ARGV[3], 'reason', ARGV[4])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', AUDIT_MAXLEN, '*',
            'from', from, 'to', ARGV[1], 'by', ARGV[3], 'at', ARGV[2], 'reason', ARGV[4])
@@ -76,13 +87,22 @@ class RolloutState:
             return cls(experiment, default, "config")
         return cls(
             experiment,
-            float(fields["percent"]),
+            _valid_percent(fields["percent"]),
             "redis",
             int(fields.get("rev", 0)),
             float(fields["updated_at"]) if fields.get("updated_at") else None,
             fields.get("updated_by") or None,
             fields.get("reason") or None,
         )
+
+
+def _valid_percent(raw: Any) -> float:
+    # Whatever sits in Redis (a hand-edited hash, a stray publish) must never reach routing:
+    # NaN or 250 would crash `threshold` in the follower task or treat everyone.
+    percent = float(raw)
+    if not 0 <= percent <= 100:  # also false for NaN
+        raise ValueError(f"percent {raw!r} is not within 0..100")
+    return percent
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,33 +144,60 @@ class RolloutStore:
                 hashes: list[dict[str, str]] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
-        return {
-            name: RolloutState.from_hash(name, fields, self._defaults[name])
-            for name, fields in zip(names, hashes, strict=True)
-        }
+        try:
+            return {
+                name: RolloutState.from_hash(name, fields, self._defaults[name])
+                for name, fields in zip(names, hashes, strict=True)
+            }
+        except ValueError as exc:  # fail static on a corrupt hash, as on an outage
+            raise StateUnavailable(f"rollout state in Redis is malformed: {exc}") from exc
 
     async def get(self, experiment: str) -> RolloutState:
         try:
             fields = cast(dict[str, str], await self._redis.hgetall(state_key(experiment)))
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
-        return RolloutState.from_hash(experiment, fields, self._defaults[experiment])
+        try:
+            return RolloutState.from_hash(experiment, fields, self._defaults[experiment])
+        except ValueError as exc:
+            raise StateUnavailable(f"rollout state in Redis is malformed: {exc}") from exc
 
     async def set_percent(
         self, experiment: str, percent: float, *, by: str, reason: str | None
-    ) -> tuple[RolloutState, float]:
-        """Write, audit and publish atomically. Returns the new state and the previous percent."""
+    ) -> tuple[RolloutState, float | None]:
+        """Write, audit and publish atomically. Returns the new state and the previous percent
+        (None if what Redis held was not a percent)."""
+        result = await self._write(experiment, percent, by, reason, restore_rev=None)
+        assert result is not None  # only a restore can be refused
+        state, previous = result
+        return state, previous
+
+    async def restore(self, lost: RolloutState) -> bool:
+        """Write back a state Redis lost (restarted empty, key deleted); False if it is back already."""
+        reason = "Redis lost the rollout state; restored from the last value an instance served"
+        result = await self._write(lost.experiment, lost.percent, RESTORER, reason, restore_rev=lost.rev + 1)
+        return result is not None
+
+    async def _write(
+        self, experiment: str, percent: float, by: str, reason: str | None, *, restore_rev: int | None
+    ) -> tuple[RolloutState, float | None] | None:
         now = time.time()
         args = [
             _fmt_percent(percent), repr(now), by, reason or "", CHANNEL, experiment,
-            _fmt_percent(self._defaults[experiment]),
+            _fmt_percent(self._defaults[experiment]), "" if restore_rev is None else str(restore_rev),
         ]
         try:
-            previous, rev = await self._set(keys=[state_key(experiment), audit_key(experiment)], args=args)
+            result = await self._set(keys=[state_key(experiment), audit_key(experiment)], args=args)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable, nothing changed: {exc}") from exc
-        state = RolloutState(experiment, percent, "redis", int(rev), now, by, reason)
-        return state, float(previous)
+        if result is None:
+            return None
+        previous, rev = result
+        try:
+            previous_percent: float | None = _valid_percent(previous)
+        except ValueError:
+            previous_percent = None  # a corrupt value was just overwritten: the write still stands
+        return RolloutState(experiment, percent, "redis", int(rev), now, by, reason), previous_percent
 
     async def audit(self, experiment: str, count: int = 100) -> list[AuditEntry]:
         """Newest first."""
@@ -223,6 +270,13 @@ class RolloutCache:
         self._install({**self.states, state.experiment: state})
         self._notify(state)
 
+    def apply_own_write(self, state: RolloutState) -> None:
+        """A write this process just made; skipped if pub/sub already brought a newer one."""
+        current = self.states.get(state.experiment)
+        if current is not None and current.source == "redis" and current.rev >= state.rev:
+            return
+        self.apply(state)
+
     def _install(self, states: dict[str, RolloutState]) -> None:
         self.states = states
         self.thresholds = {name: threshold(s.percent) for name, s in states.items()}
@@ -252,7 +306,7 @@ class RolloutCache:
             msg: dict[str, Any] = orjson.loads(data)
             state = RolloutState(
                 msg["experiment"],
-                float(msg["percent"]),
+                _valid_percent(msg["percent"]),
                 "redis",
                 int(msg["rev"]),
                 float(msg["updated_at"]),
@@ -267,7 +321,18 @@ class RolloutCache:
 
     async def resync(self) -> None:
         started_at = time.monotonic()
-        self._apply_snapshot(await self._store.snapshot(), started_at)
+        snapshot = await self._store.snapshot()
+        for name, state in snapshot.items():
+            known = self.states[name]
+            if state.source == "config" and known.source == "redis" and known.percent != state.percent:
+                # Redis came back empty (no persistence) or the key was deleted. Falling back to
+                # a different config default would silently move users between arms, and only on
+                # the instances that noticed: write the last served value back instead.
+                restored = await self._store.restore(known)
+                log.warning("rollout_state_restored" if restored else "rollout_state_restored_elsewhere",
+                            experiment=name, percent=known.percent)
+                snapshot[name] = await self._store.get(name)
+        self._apply_snapshot(snapshot, started_at)
 
     # -- the background task ---------------------------------------------------------------
     def _set_connected(self, connected: bool, error: BaseException | None = None) -> None:
@@ -290,6 +355,10 @@ class RolloutCache:
                 if self.connected:
                     backoff = 0.1  # a fresh outage: retry fast, then back off to 1 s
                 self._set_connected(False, exc)
+            except Exception:
+                # A bug here must not freeze routing updates for the life of the process.
+                log.exception("rollout_follow_failed")
+                self._set_connected(False)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxy.config import validate_percent
 from proxy.errors import AdminDisabled, AuthenticationFailed, NotFound, StateUnavailable
@@ -117,15 +118,35 @@ async def get_experiment(request: Request, name: str) -> dict[str, Any]:
     return await _current(runtime, _experiment(runtime, name))
 
 
-@admin.put("/experiments/{name}/rollout")
+async def rollout_update(request: Request, _: Annotated[str, Depends(require_admin)]) -> RolloutUpdate:
+    """The PUT body, read only once the caller is authenticated.
+
+    FastAPI reads and JSON-decodes a body declared as a parameter before any dependency runs,
+    so a malformed body from a caller with no valid token would get a 422, not a 401/403.
+    """
+    try:
+        return RolloutUpdate.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+_ROLLOUT_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": RolloutUpdate.model_json_schema()}}}
+}
+
+
+@admin.put("/experiments/{name}/rollout", openapi_extra=_ROLLOUT_BODY)
 async def set_rollout(
-    request: Request, name: str, update: RolloutUpdate, actor: Annotated[str, Depends(require_admin)]
+    request: Request,
+    name: str,
+    update: Annotated[RolloutUpdate, Depends(rollout_update)],
+    actor: Annotated[str, Depends(require_admin)],
 ) -> dict[str, Any]:
     runtime = _runtime(request)
     exp = _experiment(runtime, name)
     state, previous = await runtime.store.set_percent(name, update.percent, by=actor, reason=update.reason)
     # This instance follows at once; the others follow from the pub/sub message.
-    runtime.rollout.apply(state)
+    runtime.rollout.apply_own_write(state)
     return {**experiment_view(exp, state), "previous_percent": previous}
 
 

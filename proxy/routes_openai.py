@@ -344,9 +344,15 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None, str 
     """One pass over the client's headers: ids the proxy uses, and the ones to forward."""
     request_id = user_id = episode_id = None
     forward: dict[str, str] = {}
+    connection = ""
     for name, value in raw:
         if name == b"x-user-id":
-            user_id = value.decode("latin-1") or None
+            # UTF-8, as the same id in a JSON body: the bucket formula hashes the id's UTF-8
+            # bytes, so latin-1 here would give non-ASCII users a second, different bucket.
+            try:
+                user_id = value.decode() or None
+            except UnicodeDecodeError:
+                user_id = value.decode("latin-1") or None
         elif name == b"x-episode-id":
             episode_id = value.decode("latin-1")[:256] or None
         elif name == b"x-request-id":
@@ -357,6 +363,11 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None, str 
             key = name.decode("latin-1")
             if key not in DROPPED_REQUEST_HEADERS:
                 forward[key] = value.decode("latin-1")
+            elif key == "connection":
+                connection += "," + value.decode("latin-1")
+    # RFC 9110 7.6.1: the headers Connection names are hop-by-hop too, whatever they are called.
+    for option in connection.split(","):
+        forward.pop(option.strip().lower(), None)
     return request_id or os.urandom(12).hex(), user_id, episode_id, forward
 
 

@@ -142,7 +142,11 @@ def proxy_config(base: MockUpstream, finetuned: MockUpstream, **overrides: Any) 
             "up-ft": {"base_url": f"{finetuned.url}/v1", "api_key_env": "FT_KEY", "timeout_s": 5},
         },
         "models": {
-            "base": {"upstream": "up-base", "model": "gpt-4o-mini", "pricing": {"input_per_1m": 0.15, "output_per_1m": 0.60}},
+            "base": {
+                "upstream": "up-base",
+                "model": "gpt-4o-mini",
+                "pricing": {"input_per_1m": 0.15, "output_per_1m": 0.60},
+            },
             "finetuned": {
                 "upstream": "up-ft",
                 "model": "ft:gpt-4o-mini:acme:sales-v2:abc123",
@@ -206,9 +210,12 @@ class ProxyServer(Process):
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=10)
 
-    def set_percent(self, percent: float, experiment: str = "sales-companion", reason: str | None = None) -> dict[str, Any]:
+    def set_percent(
+        self, percent: float, experiment: str = "sales-companion", reason: str | None = None
+    ) -> dict[str, Any]:
         with self.admin() as client:
-            response = client.put(f"/admin/experiments/{experiment}/rollout", json={"percent": percent, "reason": reason})
+            body = {"percent": percent, "reason": reason}
+            response = client.put(f"/admin/experiments/{experiment}/rollout", json=body)
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
