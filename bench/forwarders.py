@@ -1,6 +1,7 @@
 """Reproduce the "Speed" comparison of issue 3 in one run: the proxy against minimal forwarders.
 
     python bench/forwarders.py [--duration 10] [--rounds 3] [--concurrency 32] [--all]
+                               [--extra-proxy LABEL=DIR ...]   # A/B a change in the same run
 
 Layout on a 2-core machine (the spec's setup):
     core 0   the server under test, one uvicorn worker (uvloop, httptools, no access log)
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -107,9 +109,15 @@ class Processes:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(
-        self, name: str, argv: list[str], *, cpu: str, env: dict[str, str] | None = None,
-        stdout: Path | None = None, cwd: Path = REPO,
-    ) -> subprocess.Popen[bytes]:  # fmt: skip
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cpu: str,
+        env: dict[str, str] | None = None,
+        stdout: Path | None = None,
+        cwd: Path = REPO,
+    ) -> subprocess.Popen[bytes]:
         out = (stdout or self.workdir / f"{name}.stdout").open("ab")
         err = (self.workdir / f"{name}.stderr").open("ab")
         proc = subprocess.Popen(
@@ -124,6 +132,7 @@ class Processes:
         out.close()
         err.close()
         self.procs.append((name, proc))
+        _GROUP_CORE[proc.pid] = cpu  # start_new_session: the pid is the group id
         return proc
 
     def pid(self, name: str) -> int:
@@ -146,24 +155,52 @@ class Processes:
 
 
 def _stop_group(name: str, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
+    """SIGTERM the group, wait, then SIGKILL whatever is left of it (nginx's worker, threads).
+
+    The group is signalled only while its leader is unreaped (a zombie at worst), so its id
+    cannot have been reused by an unrelated process."""
+    if proc.returncode is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + timeout
+        while not _exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log(f"  {name} ignored SIGTERM for {timeout:g}s: SIGKILL")
-    # Kill stragglers left in the group (nginx workers, threads' children) whatever happened.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    else:
+        # Reaped already (it died during the run): kill any member it left behind.
+        for pid in _group_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     try:
         proc.wait(5)
     except subprocess.TimeoutExpired:
         log(f"  could not reap {name} (pid {proc.pid})")
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    members.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return members
 
 
 def wait_http(url: str, *, timeout: float = 20.0, procs: Processes | None = None) -> None:
@@ -197,9 +234,13 @@ def wait_port(port: int, *, timeout: float = 10.0, procs: Processes | None = Non
     raise TimeoutError(f"port {port} not open after {timeout:g}s")
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
@@ -253,8 +294,8 @@ def start_redis(procs: Processes, workdir: Path) -> int:
     if binary is None:
         raise RuntimeError("redis-server not found: apt-get install -y redis-server")
     port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir)]  # fmt: skip
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(workdir)]
     procs.start("redis", argv, cpu=LOAD_CPU)
     wait_port(port, procs=procs)
     return port
@@ -265,8 +306,8 @@ UVICORN = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-
 
 def start_ref(procs: Processes, name: str, factory: str, upstream: str) -> int:
     port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "--app-dir", str(BENCH), f"forwarders_ref:{factory}",
-            "--host", "127.0.0.1", "--port", str(port), *UVICORN]  # fmt: skip
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "--app-dir", str(BENCH), f"forwarders_ref:{factory}"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), *UVICORN]
     procs.start(name, argv, cpu=SUT_CPU, env={"BENCH_UPSTREAM": upstream})
     wait_port(port, procs=procs)
     return port
@@ -306,19 +347,27 @@ def start_proxy(
         "BENCH_BASE_KEY": "sk-bench-base-000000000000",
         "BENCH_FT_KEY": "sk-bench-ft-000000000000",
     }
-    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    # stdout is the event stream (one JSON line per request): into a file, as a deployment would.
-    where = subprocess.run([sys.executable, "-c", "import proxy; print(proxy.__file__)"], cwd=src,
-                           env={**os.environ, **env}, capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--log-level", "warning"]
+    where = subprocess.run(
+        [sys.executable, "-c", "import proxy; print(proxy.__file__)"],
+        cwd=src,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
     if not Path(where).resolve().is_relative_to(src.resolve()):
         raise RuntimeError(f"{name}: `import proxy` from {src} loads {where}")
+    # stdout is the event stream (one JSON line per request): into a file, as a deployment would.
     procs.start(name, argv, cpu=SUT_CPU, env=env, stdout=events, cwd=src)
     wait_http(f"http://127.0.0.1:{port}/readyz", procs=procs)
     status, _, body = http(
-        "PUT", f"http://127.0.0.1:{port}/admin/experiments/{EXPERIMENT}/rollout",
-        {"percent": 50, "reason": "benchmark"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    )  # fmt: skip
+        "PUT",
+        f"http://127.0.0.1:{port}/admin/experiments/{EXPERIMENT}/rollout",
+        {"percent": 50, "reason": "benchmark"},
+        {"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
     if status != 200:
         raise RuntimeError(f"setting the rollout to 50 % failed: {status} {body[:300]!r}")
     return port, events
@@ -368,40 +417,88 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def core_busy_seconds(cpu: str) -> float:
-    """Busy time of one core (everything but idle and iowait), from /proc/stat."""
+def core_busy_seconds() -> dict[str, float]:
+    """Busy time per core (everything but idle and iowait), from /proc/stat."""
+    busy = {}
     for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
-            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+        name, *values = line.split()
+        if name[3:] in (SUT_CPU, LOAD_CPU) and name.startswith("cpu"):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+            busy[name[3:]] = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy
 
 
-def wrk(port: int, duration: int, connections: int, candidate: str = "", round_: int = 0,
-        pid: int | None = None) -> Sample:  # fmt: skip
-    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
-            "-s", str(LUA), f"http://127.0.0.1:{port}/v1/chat/completions"]  # fmt: skip
-    cpu_before, core_before, wall_before = cpu_seconds(pid), core_busy_seconds(SUT_CPU), time.monotonic()
+_GROUP_CORE: dict[int, str] = {}  # process group -> the core its processes are pinned to
+
+
+def own_cpu_seconds() -> dict[str, float]:
+    """CPU used so far by this script's children, per core they are pinned to: every process in
+    a group started by `Processes` (nginx's worker included), plus reaped children (wrk)."""
+    own = {
+        SUT_CPU: 0.0,
+        LOAD_CPU: resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime,
+    }
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        core = _GROUP_CORE.get(int(fields[2]))  # pgrp
+        if core is not None:
+            own[core] += (int(fields[11]) + int(fields[12])) / tick
+    return own
+
+
+class CoreLoad:
+    """How much of each core went to work other than this benchmark's: the noise gauge."""
+
+    def __init__(self) -> None:
+        self.busy, self.own, self.wall = core_busy_seconds(), own_cpu_seconds(), time.monotonic()
+
+    def other(self) -> dict[str, float]:
+        busy, own, wall = core_busy_seconds(), own_cpu_seconds(), time.monotonic() - self.wall
+        return {
+            core: round(max(0.0, (busy[core] - self.busy[core] - (own[core] - self.own[core])) / wall), 3)
+            for core in (SUT_CPU, LOAD_CPU)
+        }
+
+
+def wrk(
+    port: int, duration: int, connections: int, candidate: str = "", round_: int = 0, pid: int | None = None
+) -> Sample:
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    argv += ["-s", str(LUA), f"http://127.0.0.1:{port}/v1/chat/completions"]
+    cpu_before, load = cpu_seconds(pid), CoreLoad()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=duration + 30)
     finally:
         _stop_group("wrk", proc, timeout=2)
     cpu = cpu_seconds(pid) - cpu_before
-    # Share of the server's core used by anything else (other jobs on a shared box): a noise gauge.
-    foreign = (core_busy_seconds(SUT_CPU) - core_before - cpu) / (time.monotonic() - wall_before)
+    other = load.other()
     text = out.decode(errors="replace")
     match = _BENCH_JSON.search(text)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {text[-1500:]} {err.decode(errors='replace')[-1500:]}")
     raw = json.loads(match.group(1))
     raw["server_cpu_s"] = cpu
-    raw["core0_other_load"] = round(max(foreign, 0.0), 3) if pid is not None else None
+    raw["other_load"] = other  # share of each core used by other jobs on the box during the run
     errors = raw["non2xx"] + raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
     return Sample(
-        candidate, round_, connections, raw["requests"] / (raw["duration_us"] / 1e6),
-        raw["p50_us"] / 1000, raw["p99_us"] / 1000, errors, cpu * 1e6 / max(raw["requests"], 1), raw,
-    )  # fmt: skip
+        candidate,
+        round_,
+        connections,
+        raw["requests"] / (raw["duration_us"] / 1e6),
+        raw["p50_us"] / 1000,
+        raw["p99_us"] / 1000,
+        errors,
+        cpu * 1e6 / max(raw["requests"], 1),
+        raw,
+    )
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -415,7 +512,7 @@ def summarise(samples: list[Sample], names: list[str]) -> dict[str, dict[str, An
             "p99_ms": statistics.median(s.p99_ms for s in mine),
             "errors": sum(s.errors for s in mine),
             "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in mine),
-            "other_load_max": max(s.raw["core0_other_load"] or 0.0 for s in mine),
+            "other_load_max": max(max(s.raw["other_load"].values()) for s in mine),
             "rounds": [round(s.rps) for s in mine],
         }
     ref = out["reference"]
@@ -451,8 +548,19 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("uvicorn", "uvloop", "httptools", "starlette", "fastapi", "aiohttp", "orjson", "mmh3",
-                 "prometheus-client", "redis", "llm-ab-proxy"):  # fmt: skip
+    for dist in (
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "starlette",
+        "fastapi",
+        "aiohttp",
+        "orjson",
+        "mmh3",
+        "prometheus-client",
+        "redis",
+        "llm-ab-proxy",
+    ):
         try:
             found[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -476,30 +584,46 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def report(args: argparse.Namespace, table: dict[str, dict[str, Any]], samples: list[Sample],
-           c1: dict[str, Any], extra: dict[str, Any]) -> dict[str, bool]:  # fmt: skip
-    print(f"\n## Forwarders at concurrency {args.concurrency} "
-          f"(median of {args.rounds} alternating rounds of {args.duration:g}s; one uvicorn worker on core 0)\n")  # fmt: skip
-    print("| candidate | req/s (median) | ratio to reference | p50 ms | p99 ms | p99 ratio | errors "
-          "| server CPU us/req | CPU ratio |")  # fmt: skip
+def report(
+    args: argparse.Namespace,
+    table: dict[str, dict[str, Any]],
+    samples: list[Sample],
+    c1: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, bool]:
+    print(
+        f"\n## Forwarders at concurrency {args.concurrency} "
+        f"(median of {args.rounds} alternating rounds of {args.duration:g}s; one uvicorn worker on core 0)\n"
+    )
+    print(
+        "| candidate | req/s (median) | ratio to reference | p50 ms | p99 ms | p99 ratio | errors "
+        "| server CPU us/req | CPU ratio |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in table.items():
-        print(f"| {name} | {row['rps']:,.0f} | {row['rps_ratio']:.2f} | {row['p50_ms']:.2f} | "
-              f"{row['p99_ms']:.2f} | {row['p99_ratio']:.2f} | {row['errors']} | "
-              f"{row['cpu_us_per_req']:.0f} | {row['cpu_ratio']:.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {row['rps']:,.0f} | {row['rps_ratio']:.2f} | {row['p50_ms']:.2f} | "
+            f"{row['p99_ms']:.2f} | {row['p99_ratio']:.2f} | {row['errors']} | "
+            f"{row['cpu_us_per_req']:.0f} | {row['cpu_ratio']:.2f} |"
+        )
     noisy = max(row["other_load_max"] for row in table.values())
     if noisy > 0.05:
-        print(f"\nNote: other processes used up to {noisy:.0%} of core {SUT_CPU} during some runs; "
-              "compare the per-round ratios and the CPU column, and rerun on a quieter machine to confirm.")  # fmt: skip
+        print(
+            f"\nNote: other jobs on this machine used up to {noisy:.0%} of a benchmark core during some runs; "
+            "trust the per-round ratios over single numbers, and rerun on a quieter machine to confirm."
+        )
     print()
     for name in (n for n in table if n != "reference"):
         print(f"{name}/reference per round: {', '.join(f'{r:.2f}' for r in paired_ratios(samples, name))}")
     print("req/s per round: " + "; ".join(f"{n} {row['rounds']}" for n, row in table.items()))
-    print(f"\nAdded p50 latency at concurrency 1 (median of {args.rounds} rounds, p50 minus nginx direct "
-          f"{c1['nginx_p50_ms']:.3f} ms): "
-          + ", ".join(f"{n} +{ms:.3f} ms" for n, ms in c1["added_ms"].items()))  # fmt: skip
-    print(f"proxy stdout (event stream) -> {extra['events_path']} ({extra['events_written']:,} events; "
-          f"proxy counted {extra['proxy_requests']:,.0f} requests: {extra['proxy_by_variant']})")  # fmt: skip
+    print(
+        f"\nAdded p50 latency at concurrency 1 (median of {args.rounds} rounds, p50 minus nginx direct "
+        f"{c1['nginx_p50_ms']:.3f} ms): " + ", ".join(f"{n} +{ms:.3f} ms" for n, ms in c1["added_ms"].items())
+    )
+    print(
+        f"proxy stdout (event stream) -> {extra['events_path']} ({extra['events_written']:,} events; "
+        f"proxy counted {extra['proxy_requests']:,.0f} requests: {extra['proxy_by_variant']})"
+    )
 
     proxy, ref = table["proxy"], table["reference"]
     errors = sum(s.errors for s in samples) + c1["errors"]
@@ -509,10 +633,12 @@ def report(args: argparse.Namespace, table: dict[str, dict[str, Any]], samples: 
         "errors": errors == 0,
         "c1": c1["proxy_added_ms"] < TARGET_C1_ADDED_MS,
     }
-    print("\n## Targets (issue 3, \"Speed\")\n")
+    print('\n## Targets (issue 3, "Speed")\n')
     print(f"- {verdict(checks['rps'])} proxy req/s >= {TARGET_RPS_RATIO} x reference: {proxy['rps_ratio']:.2f}")
-    print(f"- {verdict(checks['p99'])} proxy p99 <= {TARGET_P99_RATIO} x reference p99: {proxy['p99_ratio']:.2f} "
-          f"({proxy['p99_ms']:.2f} / {ref['p99_ms']:.2f} ms)")  # fmt: skip
+    print(
+        f"- {verdict(checks['p99'])} proxy p99 <= {TARGET_P99_RATIO} x reference p99: {proxy['p99_ratio']:.2f} "
+        f"({proxy['p99_ms']:.2f} / {ref['p99_ms']:.2f} ms)"
+    )
     print(f"- {verdict(checks['errors'])} no errors (non-2xx + socket errors, all runs): {errors}")
     print(f"- {verdict(checks['c1'])} added p50 at c=1 < {TARGET_C1_ADDED_MS} ms: {c1['proxy_added_ms']:.3f} ms")
     return checks
@@ -528,9 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c1-duration", type=int, default=None, help="seconds per c=1 run [min(duration, 5)]")
     parser.add_argument("--all", action="store_true", help="also measure fastapi-route")
     parser.add_argument(
-        "--extra-proxy", action="append", default=[], metavar="LABEL=DIR",
+        "--extra-proxy",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
         help="also measure the proxy from another checkout DIR (to A/B a change in the same run)",
-    )  # fmt: skip
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with every process's output")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1:
@@ -578,12 +707,18 @@ def main(argv: list[str] | None = None) -> int:
                     wrk(ports[name], args.warmup, args.concurrency)
                 s = wrk(ports[name], args.duration, args.concurrency, name, round_, pids[name])
                 samples.append(s)
-                log(f"round {round_} {name:14s} {s.rps:9,.0f} req/s  p50 {s.p50_ms:6.2f} ms  "
+                log(
+                    f"round {round_} {name:14s} {s.rps:9,.0f} req/s  p50 {s.p50_ms:6.2f} ms  "
                     f"p99 {s.p99_ms:6.2f} ms  cpu {s.cpu_us_per_req:4.0f} us/req  errors {s.errors}  "
-                    f"other load on core {SUT_CPU}: {s.raw['core0_other_load']:.0%}")  # fmt: skip
+                    f"other load: core {SUT_CPU} {s.raw['other_load'][SUT_CPU]:.0%}, "
+                    f"core {LOAD_CPU} {s.raw['other_load'][LOAD_CPU]:.0%}"
+                )
 
         # Concurrency 1: what a single caller pays for the extra hop.
-        c1_targets = {"nginx": nginx_port, **{n: p for n, p in ports.items() if n == "reference" or n.startswith("proxy")}}
+        c1_targets = {
+            "nginx": nginx_port,
+            **{n: p for n, p in ports.items() if n == "reference" or n.startswith("proxy")},
+        }
         c1_samples: list[Sample] = []
         for round_ in range(1, args.rounds + 1):
             for name, port in c1_targets.items():
@@ -617,26 +752,35 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = BENCH / "results"
         results_dir.mkdir(exist_ok=True)
         out = results_dir / f"forwarders-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}.json"
-        out.write_text(json.dumps({
-            "args": vars(args),
-            "started": started,
-            "load_average_before_end": os.getloadavg(),
-            "versions": versions(),
-            "table": table,
-            "ratio_to_reference_per_round": {n: paired_ratios(samples, n) for n in table},
-            "c1": c1,
-            "targets": {"rps_ratio": TARGET_RPS_RATIO, "p99_ratio": TARGET_P99_RATIO,
-                        "c1_added_ms": TARGET_C1_ADDED_MS, "pass": checks},  # fmt: skip
-            "proxy": extra,
-            "samples": [asdict(s) for s in samples],
-            "c1_samples": [asdict(s) for s in c1_samples],
-        }, indent=2))  # fmt: skip
+        out.write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "started": started,
+                    "load_average_before_end": os.getloadavg(),
+                    "versions": versions(),
+                    "table": table,
+                    "ratio_to_reference_per_round": {n: paired_ratios(samples, n) for n in table},
+                    "c1": c1,
+                    "targets": {
+                        "rps_ratio": TARGET_RPS_RATIO,
+                        "p99_ratio": TARGET_P99_RATIO,
+                        "c1_added_ms": TARGET_C1_ADDED_MS,
+                        "pass": checks,
+                    },
+                    "proxy": extra,
+                    "samples": [asdict(s) for s in samples],
+                    "c1_samples": [asdict(s) for s in c1_samples],
+                },
+                indent=2,
+            )
+        )
         print(f"\nJSON: {out.relative_to(REPO)}")
         return 0 if all(checks.values()) else 1
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    except BaseException:
+    except Exception:
         args.keep_logs = True  # a failure is explained by the processes' output
         raise
     finally:

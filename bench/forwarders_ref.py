@@ -13,7 +13,6 @@ They are uvicorn factories: `uvicorn --factory --app-dir bench forwarders_ref:re
 The upstream base URL comes from BENCH_UPSTREAM (e.g. http://127.0.0.1:9000/v1).
 """
 
-
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager

@@ -68,7 +68,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
         os.environ["ABPROXY_CONFIG"] = os.path.abspath(path)
         uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
     else:
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings, freeze_gc=True), **options)
 
 
 @main.command()

@@ -37,7 +37,13 @@ from proxy.metrics import Metrics
 from proxy.rollout import RolloutCache
 from proxy.sse import UsageTap
 from proxy.types import Receive, Scope, Send
-from proxy.upstream import DROPPED_REQUEST_HEADERS, DROPPED_RESPONSE_HEADERS, UpstreamPool, translate_errors
+from proxy.upstream import (
+    DROPPED_REQUEST_HEADERS,
+    DROPPED_RESPONSE_HEADERS,
+    RawHeaders,
+    UpstreamPool,
+    translate_errors,
+)
 
 # path -> (endpoint label, may stream)
 ENDPOINTS: dict[str, tuple[str, bool]] = {
@@ -56,9 +62,19 @@ class ClientGone(Exception):
 
 
 @dataclass(slots=True)
-class Outcome:
-    """What one forwarded request produced, for metrics and the event."""
+class Exchange:
+    """One routed request: where it went, and what came back (for metrics and the event)."""
 
+    request_id: str
+    experiment: Experiment
+    arm: Arm
+    endpoint: str
+    stream: bool
+    user_id: str | None
+    bucket: int | None
+    episode_id: str | None
+    started: float
+    headers: tuple[tuple[bytes, bytes], ...]  # x-request-id, x-abproxy-experiment, x-abproxy-variant
     status: int = 0
     ttft_s: float | None = None
     prompt_tokens: int = 0
@@ -145,29 +161,39 @@ class OpenAIHandler:
                 client_wants_usage = bool(options and options.get("include_usage") is True)
                 if not client_wants_usage:
                     body["stream_options"] = {**(options or {}), "include_usage": True}
-        ours = (
-            (b"x-request-id", request_id.encode()),
-            (b"x-abproxy-experiment", experiment.name.encode()),
-            (b"x-abproxy-variant", variant.encode()),
+        ex = Exchange(
+            request_id, experiment, arm, endpoint, stream, user_id, bucket_, episode_id, started,
+            (
+                (b"x-request-id", request_id.encode()),
+                (b"x-abproxy-experiment", experiment.name.encode()),
+                (b"x-abproxy-variant", variant.encode()),
+            ),
         )
-        outcome = Outcome()
         try:
+            if not stream:
+                status, raw_headers, payload = await self.upstreams.fetch(
+                    arm.upstream, path[3:], orjson.dumps(body), forward_headers
+                )
+                await _send_body(send, ex, status, raw_headers, payload)
+                return
             async with self.upstreams.post(arm.upstream, path[3:], orjson.dumps(body), forward_headers) as response:
-                outcome.status = response.status
-                if stream and response.status == 200:
-                    await self._relay_stream(response, receive, send, ours, started, outcome, arm, client_wants_usage)
+                ex.status = response.status
+                if response.status == 200:
+                    await _relay_stream(response, receive, send, ex, UsageTap(drop_usage_chunk=not client_wants_usage))
                 else:
-                    await self._relay_body(response, send, ours, outcome, arm)
+                    with translate_errors(arm.upstream):
+                        payload = await response.read()
+                    await _send_body(send, ex, response.status, response.raw_headers, payload)
         except UpstreamError as exc:
-            outcome.status = exc.status_code
-            outcome.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
-            await _send_error(send, exc, request_id, ours[1:])
+            ex.status = exc.status_code
+            ex.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
+            await _send_error(send, exc, request_id, ex.headers[1:])
         except asyncio.CancelledError:
             # The server is shutting down under us: still account for the request.
-            outcome.status, outcome.error = CLIENT_CLOSED, "cancelled"
+            ex.status, ex.error = CLIENT_CLOSED, "cancelled"
             raise
         finally:
-            self._record(experiment, arm, endpoint, stream, request_id, user_id, bucket_, episode_id, outcome, started)
+            self._record(ex)
 
     # -- request side ----------------------------------------------------------------------
     async def _read_body(self, receive: Receive) -> bytes:
@@ -192,131 +218,37 @@ class OpenAIHandler:
             parts.append(part)
         return b"".join(parts)
 
-    # -- response side ---------------------------------------------------------------------
-    async def _relay_body(
-        self,
-        response: aiohttp.ClientResponse,
-        send: Send,
-        ours: tuple[tuple[bytes, bytes], ...],
-        outcome: Outcome,
-        arm: Arm,
-    ) -> None:
-        with translate_errors(arm.upstream):
-            payload = await response.read()
-        status = response.status
-        if status == 200:
-            _count_usage(payload, outcome)
-        else:
-            outcome.error = "4xx" if status < 500 else "5xx"
-        headers = _response_headers(response, ours)
-        headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-
-    async def _relay_stream(
-        self,
-        response: aiohttp.ClientResponse,
-        receive: Receive,
-        send: Send,
-        ours: tuple[tuple[bytes, bytes], ...],
-        started: float,
-        outcome: Outcome,
-        arm: Arm,
-        client_wants_usage: bool,
-    ) -> None:
-        """Pump SSE events to the client while a watcher waits for the client to leave."""
-        pump = asyncio.ensure_future(self._pump(response, send, ours, started, outcome, arm, client_wants_usage))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        try:
-            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not pump.done():
-                pump.cancel()
-                outcome.status, outcome.error = CLIENT_CLOSED, "cancelled"
-                try:
-                    await pump
-                except asyncio.CancelledError:
-                    pass
-                # Closing (not releasing) drops the connection: that is the upstream's cancel.
-                response.close()
-        if pump.done() and not pump.cancelled():
-            pump.result()  # re-raise what the pump raised
-
-    async def _pump(
-        self,
-        response: aiohttp.ClientResponse,
-        send: Send,
-        ours: tuple[tuple[bytes, bytes], ...],
-        started: float,
-        outcome: Outcome,
-        arm: Arm,
-        client_wants_usage: bool,
-    ) -> None:
-        tap = UsageTap(drop_usage_chunk=not client_wants_usage)
-        await send({"type": "http.response.start", "status": 200, "headers": _response_headers(response, ours)})
-        try:
-            with translate_errors(arm.upstream):
-                async for chunk in response.content.iter_any():
-                    if outcome.ttft_s is None:
-                        outcome.ttft_s = time.perf_counter() - started
-                    out = tap.feed(chunk)
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-        except UpstreamError as exc:
-            # Headers are gone already: tell the client in-band, the way OpenAI does.
-            outcome.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
-            outcome.status = exc.status_code
-            event = b"data: " + exc.to_json() + b"\n\n"
-            await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
-            return
-        if tap.usage is not None:
-            _usage_into(tap.usage, outcome)
-        if tap.error is not None:
-            outcome.error = "5xx"
-        await send({"type": "http.response.body", "body": tap.finish(), "more_body": False})
-
     # -- recording -------------------------------------------------------------------------
-    def _record(
-        self,
-        experiment: Experiment,
-        arm: Arm,
-        endpoint: str,
-        stream: bool,
-        request_id: str,
-        user_id: str | None,
-        bucket_: int | None,
-        episode_id: str | None,
-        outcome: Outcome,
-        started: float,
-    ) -> None:
-        duration = time.perf_counter() - started
-        cost = arm.pricing.cost_usd(outcome.prompt_tokens, outcome.completion_tokens)
+    def _record(self, ex: Exchange) -> None:
+        duration = time.perf_counter() - ex.started
+        arm = ex.arm
+        experiment = ex.experiment.name
+        cost = arm.pricing.cost_usd(ex.prompt_tokens, ex.completion_tokens)
         self.metrics.observe(
-            experiment.name, arm.variant, arm.upstream_model, endpoint, stream, outcome.status,
-            duration, outcome.ttft_s, outcome.prompt_tokens, outcome.completion_tokens, cost,
+            experiment, arm.variant, arm.upstream_model, ex.endpoint, ex.stream, ex.status,
+            duration, ex.ttft_s, ex.prompt_tokens, ex.completion_tokens, cost,
         )
-        if outcome.error is not None:
-            self.metrics.upstream_error(experiment.name, arm.variant, arm.upstream_model, outcome.error)
+        if ex.error is not None:
+            self.metrics.upstream_error(experiment, arm.variant, arm.upstream_model, ex.error)
         self.events.emit(
             {
                 "ts": time.time(),
-                "request_id": request_id,
-                "experiment": experiment.name,
+                "request_id": ex.request_id,
+                "experiment": experiment,
                 "variant": arm.variant,
                 "model": arm.model_key,
                 "upstream_model": arm.upstream_model,
-                "user_hash": self._hash_user(user_id),
-                "bucket": bucket_,
-                "episode_id": episode_id,
-                "endpoint": endpoint,
-                "stream": stream,
-                "status": outcome.status,
-                "error": outcome.error,
+                "user_hash": self._hash_user(ex.user_id),
+                "bucket": ex.bucket,
+                "episode_id": ex.episode_id,
+                "endpoint": ex.endpoint,
+                "stream": ex.stream,
+                "status": ex.status,
+                "error": ex.error,
                 "latency_ms": round(duration * 1000, 3),
-                "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 3),
-                "prompt_tokens": outcome.prompt_tokens,
-                "completion_tokens": outcome.completion_tokens,
+                "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
+                "prompt_tokens": ex.prompt_tokens,
+                "completion_tokens": ex.completion_tokens,
                 "cost_usd": cost,
             }
         )
@@ -389,26 +321,86 @@ def _body_user(body: dict[str, Any]) -> str | None:
     return None
 
 
-def _count_usage(payload: bytes, outcome: Outcome) -> None:
+def _count_usage(payload: bytes, ex: Exchange) -> None:
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return
     if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-        _usage_into(obj["usage"], outcome)
+        _usage_into(obj["usage"], ex)
 
 
-def _usage_into(usage: dict[str, Any], outcome: Outcome) -> None:
+def _usage_into(usage: dict[str, Any], ex: Exchange) -> None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    outcome.prompt_tokens = prompt if isinstance(prompt, int) else 0
-    outcome.completion_tokens = completion if isinstance(completion, int) else 0
+    ex.prompt_tokens = prompt if isinstance(prompt, int) else 0
+    ex.completion_tokens = completion if isinstance(completion, int) else 0
+
+
+async def _send_body(send: Send, ex: Exchange, status: int, raw_headers: RawHeaders, payload: bytes) -> None:
+    ex.status = status
+    if status == 200:
+        _count_usage(payload, ex)
+    else:
+        ex.error = "4xx" if status < 500 else "5xx"
+    headers = _response_headers(raw_headers, ex.headers)
+    headers.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _relay_stream(
+    response: aiohttp.ClientResponse, receive: Receive, send: Send, ex: Exchange, tap: UsageTap
+) -> None:
+    """Pump SSE events to the client while a watcher waits for the client to leave."""
+    pump = asyncio.ensure_future(_pump(response, send, ex, tap))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not pump.done():
+            pump.cancel()
+            ex.status, ex.error = CLIENT_CLOSED, "cancelled"
+            try:
+                await pump
+            except asyncio.CancelledError:
+                pass
+            # Closing (not releasing) drops the connection: that is the upstream's cancel.
+            response.close()
+    if pump.done() and not pump.cancelled():
+        pump.result()  # re-raise what the pump raised
+
+
+async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap: UsageTap) -> None:
+    headers = _response_headers(response.raw_headers, ex.headers)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    try:
+        with translate_errors(ex.arm.upstream):
+            async for chunk in response.content.iter_any():
+                if ex.ttft_s is None:
+                    ex.ttft_s = time.perf_counter() - ex.started
+                out = tap.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+    except UpstreamError as exc:
+        # Headers are gone already: tell the client in-band, the way OpenAI does.
+        ex.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
+        ex.status = exc.status_code
+        event = b"data: " + exc.to_json() + b"\n\n"
+        await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
+        return
+    if tap.usage is not None:
+        _usage_into(tap.usage, ex)
+    if tap.error is not None:
+        ex.error = "5xx"
+    await send({"type": "http.response.body", "body": tap.finish(), "more_body": False})
 
 
 def _response_headers(
-    response: aiohttp.ClientResponse, ours: tuple[tuple[bytes, bytes], ...]
+    raw_headers: RawHeaders, ours: tuple[tuple[bytes, bytes], ...]
 ) -> list[tuple[bytes, bytes]]:
     headers = list(ours)
-    for name, value in response.raw_headers:
+    for name, value in raw_headers:
         lower = name.lower()
         if lower == b"x-request-id":
             headers.append((b"x-upstream-request-id", value))

@@ -15,6 +15,9 @@ import aiohttp
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
+# aiohttp's ClientResponse.raw_headers: the upstream's header lines, undecoded.
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+
 # Client headers never forwarded: credentials for *this* proxy or another provider, values
 # aiohttp recomputes, the proxy's own routing headers, and hop-by-hop headers (RFC 9110 7.6.1).
 DROPPED_REQUEST_HEADERS = frozenset(
@@ -67,6 +70,29 @@ class UpstreamPool:
             await self._session.close()
             self._session = None
 
+    async def fetch(
+        self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
+    ) -> tuple[int, RawHeaders, bytes]:
+        """POST and read the whole answer (status, raw headers, body): the non-streaming path,
+        in one try block rather than two context managers per request."""
+        assert self._session is not None, "UpstreamPool.start() was not awaited"
+        target = self.upstreams[upstream]
+        headers = {**client_headers, **target.headers} if client_headers else target.headers
+        try:
+            response = await self._session.post(
+                target.base_url + path, data=body, headers=headers, timeout=target.timeout
+            )
+            try:
+                payload = await response.read()
+            except BaseException:
+                response.close()
+                raise
+            finally:
+                response.release()
+        except TRANSPORT_ERRORS as exc:
+            raise translate(exc, target.name) from exc
+        return response.status, response.raw_headers, payload
+
     @asynccontextmanager
     async def post(
         self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
@@ -90,15 +116,22 @@ class UpstreamPool:
             response.release()
 
 
+# What a transport failure can raise; `translate` maps each to the proxy's error tree.
+TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+
+
+def translate(exc: BaseException, upstream: str) -> UpstreamError:
+    """Map an aiohttp/asyncio failure to UpstreamTimeout / UpstreamUnreachable (the one seam)."""
+    # TimeoutError is an OSError: it must be matched first.
+    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"upstream {upstream} did not answer in time")
+    return UpstreamUnreachable(f"upstream {upstream} is unreachable: {type(exc).__name__}")
+
+
 @contextmanager
 def translate_errors(upstream: str) -> Iterator[None]:
-    """Map aiohttp/asyncio failures to UpstreamTimeout / UpstreamUnreachable (the one seam)."""
+    """`translate` as a context manager, for the streaming path."""
     try:
         yield
-    except UpstreamError:
-        raise
-    # TimeoutError is an OSError: it must be matched first.
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"upstream {upstream} is unreachable: {type(exc).__name__}") from exc
+    except TRANSPORT_ERRORS as exc:
+        raise translate(exc, upstream) from exc
