@@ -148,11 +148,12 @@ class TestChooseVariant:
         assert choose_variant(b, threshold(percent)) == expected
 
 
-class TestDistribution:
-    @pytest.fixture(scope="class")
-    def buckets(self) -> list[int]:
-        return [bucket("sales-v2", f"user-{i}") for i in range(N_USERS)]
+@pytest.fixture(scope="module")
+def buckets() -> list[int]:
+    return [bucket("sales-v2", f"user-{i}") for i in range(N_USERS)]
 
+
+class TestDistribution:
     @pytest.mark.parametrize("percent", [0.5, 1, 10, 25, 50, 90])
     def test_treated_share_is_the_percent(self, buckets: list[int], percent: float) -> None:
         """Over 20,000 users the treated share is within 4.5 binomial sigmas of the percent."""
