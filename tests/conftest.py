@@ -45,6 +45,17 @@ def upstreams(session_dir: Path) -> Iterator[tuple[MockUpstream, MockUpstream]]:
     finetuned.stop()
 
 
+@pytest.fixture(scope="module")
+def module_proxy(
+    upstreams: tuple[MockUpstream, MockUpstream], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyServer]:
+    """One proxy process shared by a module's tests (they must tolerate each other's state)."""
+    server = ProxyServer(proxy_config(*upstreams), tmp_path_factory.mktemp("proxy"), redis_server.url)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture()
 def proxy(upstreams: tuple[MockUpstream, MockUpstream], redis_url: str, tmp_path: Path) -> Iterator[ProxyServer]:
     """A proxy process in front of the mock upstreams, on a freshly emptied Redis."""

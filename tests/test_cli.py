@@ -21,7 +21,7 @@ from proxy.cli import main
 from proxy.config import load_settings
 from proxy.experiments import Router
 from proxy.rollout import RolloutStore
-from tests.harness import ADMIN_TOKEN, MockUpstream, ProxyServer, RedisServer, free_port, proxy_config
+from tests.harness import ADMIN_TOKEN, ProxyServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "config" / "local.yaml"
@@ -124,27 +124,16 @@ class TestAssign:
         assert result.stderr.strip() == f"cannot read the live percent: Redis at {url} is unreachable"
 
 
-@pytest.fixture(scope="module")
-def live_proxy(
-    upstreams: tuple[MockUpstream, MockUpstream], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyServer]:
-    """One proxy for the rollout commands; each test resets it to the config default and empties Redis."""
-    server = ProxyServer(proxy_config(*upstreams), tmp_path_factory.mktemp("cli"), redis_server.url)
-    server.start()
-    yield server
-    server.stop()
-
-
 class TestRolloutAgainstAProxy:
     @pytest.fixture()
-    def proxy(self, live_proxy: ProxyServer, redis_server: RedisServer) -> ProxyServer:
+    def proxy(self, module_proxy: ProxyServer, redis_server: RedisServer) -> ProxyServer:
         # Back to the config default (0 %) first: the proxy restores a *different* percent that
         # vanishes from Redis (lost data), but lets one equal to the default go.
-        live_proxy.set_percent(0)
+        module_proxy.set_percent(0)
         client = redis.Redis.from_url(redis_server.url)
         client.flushall()
         client.close()
-        return live_proxy
+        return module_proxy
 
     @pytest.fixture()
     def env(self, proxy: ProxyServer) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 import proxy
 from proxy import errors
 from proxy.errors import ProxyError, error_body
-from tests.harness import ADMIN_TOKEN, MockUpstream, ProxyServer, RedisServer, proxy_config
+from tests.harness import ADMIN_TOKEN, ProxyServer
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -112,17 +111,6 @@ class TestErrorTree:
         assert str(errors.UpstreamTimeout("upstream took too long")) == "upstream took too long"
 
 
-@pytest.fixture(scope="module")
-def live_proxy(
-    upstreams: tuple[MockUpstream, MockUpstream], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyServer]:
-    """One proxy process for all wire checks in this module (none of them changes state)."""
-    server = ProxyServer(proxy_config(*upstreams), tmp_path_factory.mktemp("errors"), redis_server.url)
-    server.start()
-    yield server
-    server.stop()
-
-
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 WIRE_CASES: list[Any] = [
@@ -146,7 +134,7 @@ class TestOnTheWire:
     @pytest.mark.parametrize(("method", "path", "headers", "body", "status", "code"), WIRE_CASES)
     def test_same_shape_from_every_layer(
         self,
-        live_proxy: ProxyServer,
+        module_proxy: ProxyServer,
         method: str,
         path: str,
         headers: dict[str, str],
@@ -155,7 +143,7 @@ class TestOnTheWire:
         code: str,
     ) -> None:
         """FastAPI's own 404/405/422, admin errors and /v1 errors all answer in OpenAI's error shape."""
-        response = httpx.request(method, f"{live_proxy.url}{path}", headers=headers, json=body, timeout=10)
+        response = httpx.request(method, f"{module_proxy.url}{path}", headers=headers, json=body, timeout=10)
         assert response.status_code == status, response.text
         assert response.headers["content-type"].startswith("application/json")
         payload = response.json()
@@ -165,10 +153,10 @@ class TestOnTheWire:
         assert isinstance(payload["error"]["type"], str) and payload["error"]["type"]
         assert payload["error"]["code"] == code
 
-    def test_validation_error_names_the_field(self, live_proxy: ProxyServer) -> None:
+    def test_validation_error_names_the_field(self, module_proxy: ProxyServer) -> None:
         """A 422 names the offending field in `param` and in the message."""
         response = httpx.put(
-            f"{live_proxy.url}/admin/experiments/sales-companion/rollout", headers=AUTH, json={"percent": 12.345}
+            f"{module_proxy.url}/admin/experiments/sales-companion/rollout", headers=AUTH, json={"percent": 12.345}
         )
         assert response.status_code == 422
         error = response.json()["error"]
@@ -176,17 +164,17 @@ class TestOnTheWire:
         assert error["message"].startswith("percent: ")
         assert "two decimals" in error["message"]
 
-    def test_malformed_json_admin_body(self, live_proxy: ProxyServer) -> None:
+    def test_malformed_json_admin_body(self, module_proxy: ProxyServer) -> None:
         """A PUT whose body is not JSON is a 422 in the same shape, not FastAPI's default."""
         response = httpx.put(
-            f"{live_proxy.url}/admin/experiments/sales-companion/rollout",
+            f"{module_proxy.url}/admin/experiments/sales-companion/rollout",
             headers={**AUTH, "content-type": "application/json"}, content=b"{not json",
         )  # fmt: skip
         assert response.status_code == 422
         assert set(response.json()["error"]) == ERROR_KEYS
 
-    def test_405_keeps_allow_header(self, live_proxy: ProxyServer) -> None:
+    def test_405_keeps_allow_header(self, module_proxy: ProxyServer) -> None:
         """The 405 rewritten into OpenAI's shape still says which methods are allowed."""
-        response = httpx.post(f"{live_proxy.url}/healthz")
+        response = httpx.post(f"{module_proxy.url}/healthz")
         assert response.status_code == 405
         assert "GET" in response.headers["allow"]

@@ -48,16 +48,9 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="module")
-def admin_proxy(
-    upstreams: tuple[MockUpstream, MockUpstream],
-    redis_server: RedisServer,
-    redis_client: redis.Redis,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ProxyServer]:
-    server = ProxyServer(proxy_config(*upstreams), tmp_path_factory.mktemp("admin"), redis_server.url)
-    server.start()
-    yield server
-    server.stop()
+def admin_proxy(redis_client: redis.Redis, module_proxy: ProxyServer) -> ProxyServer:
+    """The module's proxy, started after `redis_client` emptied Redis."""
+    return module_proxy
 
 
 @pytest.fixture(scope="module")
