@@ -76,6 +76,7 @@ class StateUnavailable(ProxyError):
 
 class UpstreamError(ProxyError):
     status_code, openai_type, default_code = 502, "upstream_error", "upstream_error"
+    reason: ClassVar[str] = "connect"  # the `reason` label of abproxy_upstream_errors_total
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -83,7 +84,7 @@ class UpstreamUnreachable(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    status_code, default_code = 504, "upstream_timeout"
+    status_code, default_code, reason = 504, "upstream_timeout", "timeout"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

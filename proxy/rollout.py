@@ -144,22 +144,19 @@ class RolloutStore:
                 hashes: list[dict[str, str]] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
-        try:
-            return {
-                name: RolloutState.from_hash(name, fields, self._defaults[name])
-                for name, fields in zip(names, hashes, strict=True)
-            }
-        except ValueError as exc:  # fail static on a corrupt hash, as on an outage
-            raise StateUnavailable(f"rollout state in Redis is malformed: {exc}") from exc
+        return {name: self._state(name, fields) for name, fields in zip(names, hashes, strict=True)}
 
     async def get(self, experiment: str) -> RolloutState:
         try:
             fields = cast(dict[str, str], await self._redis.hgetall(state_key(experiment)))
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
+        return self._state(experiment, fields)
+
+    def _state(self, experiment: str, fields: dict[str, str]) -> RolloutState:
         try:
             return RolloutState.from_hash(experiment, fields, self._defaults[experiment])
-        except ValueError as exc:
+        except ValueError as exc:  # fail static on a corrupt hash, as on an outage
             raise StateUnavailable(f"rollout state in Redis is malformed: {exc}") from exc
 
     async def set_percent(
@@ -169,8 +166,7 @@ class RolloutStore:
         (None if what Redis held was not a percent)."""
         result = await self._write(experiment, percent, by, reason, restore_rev=None)
         assert result is not None  # only a restore can be refused
-        state, previous = result
-        return state, previous
+        return result
 
     async def restore(self, lost: RolloutState) -> bool:
         """Write back a state Redis lost (restarted empty, key deleted); False if it is back already."""

@@ -29,7 +29,6 @@ from proxy.errors import (
     ProxyError,
     UnknownModel,
     UpstreamError,
-    UpstreamTimeout,
 )
 from proxy.events import EventLog
 from proxy.experiments import Arm, Experiment, Router
@@ -185,8 +184,7 @@ class OpenAIHandler:
                         payload = await response.read()
                     await _send_body(send, ex, response.status, response.raw_headers, payload)
         except UpstreamError as exc:
-            ex.status = exc.status_code
-            ex.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
+            ex.status, ex.error = exc.status_code, exc.reason
             await _send_error(send, exc, request_id, ex.headers[1:])
         except asyncio.CancelledError:
             # The server is shutting down under us: still account for the request.
@@ -384,8 +382,7 @@ async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
     except UpstreamError as exc:
         # Headers are gone already: tell the client in-band, the way OpenAI does.
-        ex.error = "timeout" if isinstance(exc, UpstreamTimeout) else "connect"
-        ex.status = exc.status_code
+        ex.status, ex.error = exc.status_code, exc.reason
         event = b"data: " + exc.to_json() + b"\n\n"
         await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
         return

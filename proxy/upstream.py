@@ -70,18 +70,22 @@ class UpstreamPool:
             await self._session.close()
             self._session = None
 
+    async def _open(
+        self, target: Upstream, path: str, body: bytes, client_headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send the request with the upstream's own credentials; returns once headers are in."""
+        assert self._session is not None, "UpstreamPool.start() was not awaited"
+        headers = {**client_headers, **target.headers} if client_headers else target.headers
+        return await self._session.post(target.base_url + path, data=body, headers=headers, timeout=target.timeout)
+
     async def fetch(
         self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
     ) -> tuple[int, RawHeaders, bytes]:
         """POST and read the whole answer (status, raw headers, body): the non-streaming path,
         in one try block rather than two context managers per request."""
-        assert self._session is not None, "UpstreamPool.start() was not awaited"
         target = self.upstreams[upstream]
-        headers = {**client_headers, **target.headers} if client_headers else target.headers
         try:
-            response = await self._session.post(
-                target.base_url + path, data=body, headers=headers, timeout=target.timeout
-            )
+            response = await self._open(target, path, body, client_headers)
             try:
                 payload = await response.read()
             except BaseException:
@@ -100,13 +104,9 @@ class UpstreamPool:
         """POST and yield the response once its headers are in; the body is the caller's to
         read, inside `translate_errors`. Leaving early (error, cancellation) closes the
         connection, which is how the upstream learns the client went away."""
-        assert self._session is not None, "UpstreamPool.start() was not awaited"
         target = self.upstreams[upstream]
-        headers = {**client_headers, **target.headers} if client_headers else target.headers
         with translate_errors(target.name):
-            response = await self._session.post(
-                target.base_url + path, data=body, headers=headers, timeout=target.timeout
-            )
+            response = await self._open(target, path, body, client_headers)
         try:
             yield response
         except BaseException:
