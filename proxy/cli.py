@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import httpx
@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from proxy.config import ConfigError, Settings, config_path, load_settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 # Piped output (scripts, CI logs) gets wide tables instead of truncated cells.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -49,6 +52,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
 
     from proxy.app import create_app
     from proxy.logs import configure_logging
+    from proxy.metrics import prepare_multiprocess_dir
 
     path, settings = _settings(config)
     configure_logging(log_level)
@@ -63,12 +67,31 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
         "log_level": log_level,
         "timeout_graceful_shutdown": 30,
     }
+    metrics_port = settings.server.metrics_port
+    if metrics_port is not None and metrics_port == options["port"]:
+        _fail(f"config error: server.metrics_port: must differ from the serving port ({metrics_port})")
     if workers > 1:
-        # Each worker re-reads the (already validated) file through the factory.
+        # Each worker re-reads the (already validated) file through the factory, and writes its
+        # metrics to the shared multiprocess directory, set before the workers are spawned.
         os.environ["ABPROXY_CONFIG"] = os.path.abspath(path)
+        prepare_multiprocess_dir()
+        _metrics_port(options["host"], metrics_port, None)
         uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
     else:
-        uvicorn.run(create_app(settings, freeze_gc=True), **options)
+        app = create_app(settings, freeze_gc=True)
+        _metrics_port(options["host"], metrics_port, app.runtime.metrics.registry)
+        uvicorn.run(app, **options)
+
+
+def _metrics_port(host: str, port: int | None, registry: CollectorRegistry | None) -> None:
+    from proxy.metrics import serve_metrics_port
+
+    if port is None:
+        return
+    try:
+        serve_metrics_port(host, port, registry)
+    except OSError as exc:
+        _fail(f"config error: server.metrics_port: cannot listen on {host}:{port}: {exc.strerror}")
 
 
 @main.command()

@@ -87,6 +87,15 @@ class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
+    # Set: /metrics is served on this port only (and 404 on `port`), so scrapes need no
+    # route through the public listener. Unset: /metrics on `port`.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServerConfig:
+        if self.metrics_port == self.port:
+            raise _KeyProblem("server.metrics_port", f"must differ from server.port ({self.port})")
+        return self
 
 
 class RolloutConfig(_Strict):
@@ -95,10 +104,23 @@ class RolloutConfig(_Strict):
     redis_timeout_s: float = Field(default=1.0, gt=0)
 
 
+class RedisStreamConfig(_Strict):
+    """The event sink the analysis features read: a Redis Stream on the proxy's Redis."""
+
+    enabled: bool = False
+    key: str = Field(default="abproxy:events", min_length=1)
+    # Trimmed approximately (MAXLEN ~), which lets Redis drop whole nodes: O(1) per XADD.
+    maxlen: int = Field(default=1_000_000, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    max_buffered: int = Field(default=20_000, ge=1)
+    timeout_s: float = Field(default=1.0, gt=0)
+
+
 class EventsConfig(_Strict):
-    enabled: bool = True
+    enabled: bool = True  # JSON lines on stdout
     flush_interval_s: float = Field(default=0.1, gt=0)
     max_buffered: int = Field(default=100_000, ge=1)
+    redis_stream: RedisStreamConfig = RedisStreamConfig()
 
 
 class Settings(_Strict):

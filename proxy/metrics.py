@@ -3,19 +3,45 @@
 Looking up `metric.labels(...)` costs a lock and a dict build per call; the hot path instead
 finds one cached tuple of children per (experiment, variant, model, endpoint, stream, code).
 Label values are all bounded by config (never a user id).
+
+Several workers on one host: prometheus-client's multiprocess mode. `abproxy serve --workers N`
+points PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start; each worker then
+writes its values to mmap files there, and any worker's `/metrics` (or the separate metrics
+port) sums them. Gauges say how to combine workers (`multiprocess_mode`); the `live*` modes drop
+a worker's gauges when it shuts down (`mark_process_dead`).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
 
 # LLM calls range from tens of ms (embeddings, cached) to minutes (long generations).
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 ARM = ("experiment", "variant", "model")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode, if on. prometheus-client itself reads this variable
+    when it is imported, so it is read here too rather than carried in Settings."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 @dataclass(slots=True)
@@ -29,9 +55,12 @@ class _Children:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_collector: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        if process_collector and multiprocess_dir() is None:
+            # RSS, CPU and open fds; not available per worker in multiprocess mode.
+            ProcessCollector(registry=r)
         self.requests = Counter(
             "abproxy_requests", "Requests answered, by upstream or proxy status code.",
             [*ARM, "endpoint", "stream", "code"], registry=r,
@@ -51,8 +80,12 @@ class Metrics:
             "abproxy_upstream_errors", "Upstream failures by reason (timeout, connect, 4xx, 5xx, cancelled).",
             [*ARM, "reason"], registry=r,
         )
+        self.in_flight = Gauge(
+            "abproxy_in_flight_requests", "Requests routed and not yet answered in full.",
+            [*ARM, "endpoint"], registry=r, multiprocess_mode="livesum",
+        )
         self.unidentified = Counter(
-            "abproxy_unidentified_requests", "Requests with no user id, sent to control.", ["experiment"], registry=r
+            "abproxy_unidentified_requests", "Requests with no user id, sent to control.", ARM, registry=r
         )
         self.rejected = Counter(
             "abproxy_rejected_requests",
@@ -60,10 +93,40 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        # Every worker follows the same pub/sub channel: the most recent write is the live value.
         self.rollout_percent = Gauge(
-            "abproxy_rollout_percent", "Live percent of users in treatment.", ["experiment"], registry=r
+            "abproxy_rollout_percent", "Live percent of users in treatment.", ["experiment"],
+            registry=r, multiprocess_mode="livemostrecent",
+        )
+        self.rollout_changed = Gauge(
+            "abproxy_rollout_last_change_timestamp_seconds",
+            "Unix time of the last rollout change this process has seen (0: never set in Redis).",
+            ["experiment"], registry=r, multiprocess_mode="livemax",
+        )
+        # The worst worker is the one to page on: min for connectivity, max for staleness.
+        self.redis_connected = Gauge(
+            "abproxy_redis_connected", "1 while the rollout cache follows Redis, 0 while it serves from memory.",
+            registry=r, multiprocess_mode="livemin",
+        )
+        self.rollout_cache_age = Gauge(
+            "abproxy_rollout_cache_age_seconds",
+            "Seconds since the rollout cache last read Redis (pub/sub or resync); -1 before the first read.",
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.events = Counter("abproxy_events", "Per-request events written, by sink.", ["sink"], registry=r)
+        self.events_dropped = Counter(
+            "abproxy_events_dropped", "Per-request events lost, by sink and reason (buffer_full, sink_error).",
+            ["sink", "reason"], registry=r,
         )
         self._children: dict[tuple[str, str, str, str, bool, int], _Children] = {}
+        self._in_flight: dict[tuple[str, str, str, str], Gauge] = {}
+
+    def in_flight_gauge(self, experiment: str, variant: str, model: str, endpoint: str) -> Gauge:
+        key = (experiment, variant, model, endpoint)
+        gauge = self._in_flight.get(key)
+        if gauge is None:
+            gauge = self._in_flight[key] = self.in_flight.labels(*key)
+        return gauge
 
     def _for(self, experiment: str, variant: str, model: str, endpoint: str, stream: bool, code: int) -> _Children:
         key = (experiment, variant, model, endpoint, stream, code)
@@ -102,5 +165,53 @@ class Metrics:
     def upstream_error(self, experiment: str, variant: str, model: str, reason: str) -> None:
         self.upstream_errors.labels(experiment, variant, model, reason).inc()
 
-    def set_rollout(self, experiment: str, percent: float) -> None:
+    def set_rollout(self, experiment: str, percent: float, changed_at: float | None) -> None:
         self.rollout_percent.labels(experiment).set(percent)
+        self.rollout_changed.labels(experiment).set(changed_at or 0.0)
+
+    def set_rollout_cache(self, connected: bool | None, age_s: float | None) -> None:
+        self.redis_connected.set(1 if connected else 0)
+        self.rollout_cache_age.set(-1 if age_s is None else age_s)
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text a scrape gets: this process's registry, or every worker's files in multiprocess mode."""
+    path = multiprocess_dir()
+    if path is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a stopped worker's live gauges (in-flight, connectivity) from the aggregate."""
+    path = multiprocess_dir()
+    if path is not None:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def prepare_multiprocess_dir() -> str:
+    """Before the workers start: a fresh directory, or the configured one wiped.
+
+    Files left by an earlier run would be summed into this run's counters.
+    """
+    path = multiprocess_dir()
+    if path is None:
+        path = tempfile.mkdtemp(prefix="abproxy-metrics-")
+        os.environ[MULTIPROC_ENV] = path
+    else:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        for stale in Path(path).glob("*.db"):
+            stale.unlink()
+    return path
+
+
+def serve_metrics_port(host: str, port: int, registry: CollectorRegistry | None) -> None:
+    """/metrics on its own port, from a daemon thread of the serving (or supervising) process.
+
+    `registry=None`: multiprocess mode, the supervisor aggregates the workers' files.
+    """
+    if registry is None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)

@@ -6,6 +6,7 @@ on the network can flip is worse than none.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,12 +14,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxy.config import validate_percent
 from proxy.errors import AdminDisabled, AuthenticationFailed, NotFound, StateUnavailable
 from proxy.experiments import Arm, Experiment
+from proxy.metrics import exposition
 from proxy.rollout import AuditEntry, RolloutState
 from proxy.runtime import Runtime
 
@@ -181,4 +182,9 @@ async def readyz(request: Request) -> Response:
 
 @ops.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    runtime = _runtime(request)
+    if runtime.settings.server.metrics_port is not None:
+        raise NotFound(f"metrics are served on port {runtime.settings.server.metrics_port}", code="unknown_url")
+    # In a thread: multiprocess mode reads every worker's files, which should not stall the loop.
+    body, content_type = await asyncio.to_thread(exposition, runtime.metrics.registry)
+    return Response(body, media_type=content_type)

@@ -16,6 +16,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -34,7 +35,7 @@ from proxy.events import EventLog
 from proxy.experiments import Arm, Experiment, Router
 from proxy.metrics import Metrics
 from proxy.rollout import RolloutCache
-from proxy.sse import UsageTap
+from proxy.sse import UsageTap, first_finish_reason
 from proxy.types import Receive, Scope, Send
 from proxy.upstream import (
     DROPPED_REQUEST_HEADERS,
@@ -79,6 +80,8 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # timeout | connect | 4xx | 5xx | cancelled
+    upstream_status: int | None = None  # None: no response headers arrived
+    finish_reason: str | None = None  # of the first choice, as the upstream reported it
 
 
 class OpenAIHandler:
@@ -145,11 +148,12 @@ class OpenAIHandler:
         if user_id is None:
             bucket_ = None
             variant = "control"
-            self.metrics.unidentified.labels(experiment.name).inc()
         else:
             bucket_ = bucket(experiment.salt, user_id)
             variant = choose_variant(bucket_, self.rollout.thresholds[experiment.name])
         arm = experiment.arm(variant)
+        if user_id is None:
+            self.metrics.unidentified.labels(experiment.name, variant, arm.upstream_model).inc()
         endpoint, can_stream = route
         body["model"] = arm.upstream_model
         stream = can_stream and body.get("stream") is True
@@ -168,6 +172,8 @@ class OpenAIHandler:
                 (b"x-abproxy-variant", variant.encode()),
             ),
         )
+        in_flight = self.metrics.in_flight_gauge(experiment.name, variant, arm.upstream_model, endpoint)
+        in_flight.inc()
         try:
             if not stream:
                 status, raw_headers, payload = await self.upstreams.fetch(
@@ -176,7 +182,7 @@ class OpenAIHandler:
                 await _send_body(send, ex, status, raw_headers, payload)
                 return
             async with self.upstreams.post(arm.upstream, path[3:], orjson.dumps(body), forward_headers) as response:
-                ex.status = response.status
+                ex.status = ex.upstream_status = response.status
                 if response.status == 200:
                     await _relay_stream(response, receive, send, ex, UsageTap(drop_usage_chunk=not client_wants_usage))
                 else:
@@ -191,6 +197,7 @@ class OpenAIHandler:
             ex.status, ex.error = CLIENT_CLOSED, "cancelled"
             raise
         finally:
+            in_flight.dec()
             self._record(ex)
 
     # -- request side ----------------------------------------------------------------------
@@ -228,9 +235,11 @@ class OpenAIHandler:
         )
         if ex.error is not None:
             self.metrics.upstream_error(experiment, arm.variant, arm.upstream_model, ex.error)
+        now = time.time()
         self.events.emit(
             {
-                "ts": time.time(),
+                "ts": now,
+                "time": datetime.fromtimestamp(now, UTC),
                 "request_id": ex.request_id,
                 "experiment": experiment,
                 "variant": arm.variant,
@@ -242,7 +251,9 @@ class OpenAIHandler:
                 "endpoint": ex.endpoint,
                 "stream": ex.stream,
                 "status": ex.status,
+                "upstream_status": ex.upstream_status,
                 "error": ex.error,
+                "finish_reason": ex.finish_reason,
                 "latency_ms": round(duration * 1000, 3),
                 "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
                 "prompt_tokens": ex.prompt_tokens,
@@ -252,9 +263,11 @@ class OpenAIHandler:
         )
 
     def _emit_rejected(self, request_id: str, path: str, exc: ProxyError, started: float) -> None:
+        now = time.time()
         self.events.emit(
             {
-                "ts": time.time(),
+                "ts": now,
+                "time": datetime.fromtimestamp(now, UTC),
                 "request_id": request_id,
                 "experiment": None,
                 "path": path,
@@ -324,8 +337,11 @@ def _count_usage(payload: bytes, ex: Exchange) -> None:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return
-    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+    if not isinstance(obj, dict):
+        return
+    if isinstance(obj.get("usage"), dict):
         _usage_into(obj["usage"], ex)
+    ex.finish_reason = first_finish_reason(obj)
 
 
 def _usage_into(usage: dict[str, Any], ex: Exchange) -> None:
@@ -335,7 +351,7 @@ def _usage_into(usage: dict[str, Any], ex: Exchange) -> None:
 
 
 async def _send_body(send: Send, ex: Exchange, status: int, raw_headers: RawHeaders, payload: bytes) -> None:
-    ex.status = status
+    ex.status = ex.upstream_status = status
     if status == 200:
         _count_usage(payload, ex)
     else:
@@ -388,6 +404,7 @@ async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap:
         return
     if tap.usage is not None:
         _usage_into(tap.usage, ex)
+    ex.finish_reason = tap.finish_reason
     if tap.error is not None:
         ex.error = "5xx"
     await send({"type": "http.response.body", "body": tap.finish(), "more_body": False})

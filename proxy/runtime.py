@@ -6,26 +6,33 @@ by the app's lifespan. Tests build it with their own registry and event sink.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from typing import BinaryIO
 
 import redis.asyncio as aioredis
 import structlog
 
 from proxy.config import Settings
-from proxy.events import EventLog
+from proxy.events import EventLog, RedisStreamSink, Sink, StdoutSink
 from proxy.experiments import Router
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, mark_process_dead
 from proxy.rollout import RolloutCache, RolloutState, RolloutStore
 from proxy.upstream import UpstreamPool
 
 log = structlog.get_logger("abproxy")
+
+# How often the rollout-cache gauges (connected, age) are refreshed: a scrape sees them at most
+# this stale, and the staleness alert fires at tens of seconds.
+CACHE_GAUGE_INTERVAL_S = 1.0
 
 
 class Runtime:
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None, event_sink: BinaryIO | None = None):
         self.settings = settings
         self.router = Router(settings)
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(process_collector=True)
         self.redis = aioredis.from_url(
             settings.redis_url,
             decode_responses=True,
@@ -39,26 +46,56 @@ class Runtime:
         )
         self.upstreams = UpstreamPool(settings.upstreams)
         self.events = EventLog(
-            event_sink, flush_interval_s=settings.events.flush_interval_s, max_buffered=settings.events.max_buffered
+            self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
+        self._gauges: asyncio.Task[None] | None = None
+
+    def _event_sinks(self, stdout: BinaryIO | None) -> list[tuple[Sink, int]]:
+        config = self.settings.events
+        sinks: list[tuple[Sink, int]] = []
+        if config.enabled:
+            sinks.append((StdoutSink(stdout), config.max_buffered))
+        stream = config.redis_stream
+        if stream.enabled:
+            sink = RedisStreamSink(
+                self.settings.redis_url,
+                key=stream.key, maxlen=stream.maxlen, batch_size=stream.batch_size, timeout_s=stream.timeout_s,
+            )
+            sinks.append((sink, stream.max_buffered))
+        return sinks
 
     def _on_change(self, state: RolloutState) -> None:
-        self.metrics.set_rollout(state.experiment, state.percent)
+        self.metrics.set_rollout(state.experiment, state.percent, state.updated_at)
+
+    def _refresh_cache_gauges(self) -> None:
+        synced = self.rollout.last_sync_monotonic
+        age = None if synced is None else time.monotonic() - synced
+        self.metrics.set_rollout_cache(self.rollout.connected, age)
+
+    async def _keep_cache_gauges(self) -> None:
+        while True:
+            self._refresh_cache_gauges()
+            await asyncio.sleep(CACHE_GAUGE_INTERVAL_S)
 
     async def start(self) -> None:
         await self.upstreams.start()
-        if self.settings.events.enabled:
-            await self.events.start()
+        await self.events.start()
         await self.rollout.start()
+        self._gauges = asyncio.create_task(self._keep_cache_gauges(), name="rollout-cache-gauges")
         log.info(
             "proxy_started",
             experiments=sorted(self.router.experiments),
             rollout_loaded=self.rollout.loaded,
             percents={name: s.percent for name, s in self.rollout.states.items()},
+            event_sinks=self.events.sink_names,
         )
 
     async def stop(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            self._gauges = None
         await self.rollout.stop()
         await self.upstreams.stop()
         await self.events.stop()
         await self.redis.aclose()
+        mark_process_dead(os.getpid())

@@ -13,6 +13,18 @@ from typing import Any
 import orjson
 
 _NULL_USAGE = (b'"usage":null', b'"usage": null')
+# A chunk that ends a choice has a string here; all others carry null. Compact and spaced JSON.
+_FINISH = (b'"finish_reason":"', b'"finish_reason": "')
+
+
+def first_finish_reason(obj: dict[str, Any]) -> str | None:
+    """`choices[0].finish_reason` of a completion or chunk object, if it is a string."""
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        if isinstance(reason, str):
+            return reason
+    return None
 
 
 class UsageTap:
@@ -21,6 +33,7 @@ class UsageTap:
         self._pending = b""
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes of the complete events in `pending + chunk`, minus a dropped usage chunk."""
@@ -32,7 +45,7 @@ class UsageTap:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
-        if b'"usage"' not in complete and b'"error"' not in complete:
+        if b'"usage"' not in complete and b'"error"' not in complete and not _has_finish(complete):
             return complete
         kept = [event for event in complete[:-2].split(b"\n\n") if self._keep(event)]
         return b"".join(event + b"\n\n" for event in kept)
@@ -43,7 +56,11 @@ class UsageTap:
         return rest
 
     def _keep(self, event: bytes) -> bool:
-        if (b'"usage"' not in event or any(n in event for n in _NULL_USAGE)) and b'"error"' not in event:
+        if (
+            (b'"usage"' not in event or any(n in event for n in _NULL_USAGE))
+            and b'"error"' not in event
+            and not _has_finish(event)
+        ):
             return True
         payload = _data_of(event)
         if payload is None:
@@ -56,11 +73,18 @@ class UsageTap:
             return True
         if isinstance(obj.get("error"), dict):
             self.error = obj["error"]
+        reason = first_finish_reason(obj)
+        if reason is not None and self.finish_reason is None:
+            self.finish_reason = reason
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
             return not (self._drop and obj.get("choices") == [])
         return True
+
+
+def _has_finish(data: bytes) -> bool:
+    return _FINISH[0] in data or _FINISH[1] in data
 
 
 def _data_of(event: bytes) -> bytes | None:

@@ -1,0 +1,112 @@
+"""The Redis Stream of per-request events: its entry layout and the two ways to read it.
+
+Layout (one entry per request, appended by `events.RedisStreamSink`):
+
+    XADD abproxy:events MAXLEN ~ <maxlen> * request_id <id> schema_version <n> event <json>
+
+`event` is the same JSON object the stdout sink prints. The entry id is Redis's (time-ordered);
+the stable id of the event is `request_id`, which a consumer uses to deduplicate, because a
+batch may be retried by a reader after a crash. `schema_version` changes only when a field
+changes meaning or disappears; new fields may appear within a version.
+
+Readers:
+    tail()             XREAD from the end: `abproxy events tail`, reads without consuming
+    ConsumerGroupReader XREADGROUP/XACK/XAUTOCLAIM: the durable consumers (the analysis store)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+SCHEMA_VERSION = 1
+DEFAULT_KEY = "abproxy:events"
+
+
+def entry_fields(request_id: str, event: bytes) -> dict[Any, Any]:
+    return {"request_id": request_id, "schema_version": SCHEMA_VERSION, "event": event}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    entry_id: str
+    request_id: str
+    schema_version: int
+    event: dict[str, Any]
+
+
+def decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEvent:
+    """One XREAD/XREADGROUP entry; raises ValueError for an entry this layout doesn't describe."""
+    try:
+        event = orjson.loads(fields[b"event"])
+        version = int(fields[b"schema_version"])
+        request_id = fields[b"request_id"].decode()
+    except (KeyError, ValueError, orjson.JSONDecodeError) as exc:
+        raise ValueError(f"malformed event entry {entry_id!r}: {exc}") from None
+    if not isinstance(event, dict):
+        raise ValueError(f"malformed event entry {entry_id!r}: event is not an object")
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return StreamEvent(eid, request_id, version, event)
+
+
+async def tail(
+    redis: aioredis.Redis, key: str = DEFAULT_KEY, *, last: int = 0, block_ms: int = 1000
+) -> AsyncIterator[StreamEvent]:
+    """Follow the stream live, after first replaying the `last` most recent events."""
+    cursor: Any = "$"
+    if last > 0:
+        # redis-py types stream replies loosely; their shape is fixed by the commands.
+        recent: Any = await redis.xrevrange(key, count=last)
+        for entry_id, fields in reversed(recent):
+            yield decode_entry(entry_id, fields)
+        if recent:
+            cursor = recent[0][0]
+    while True:
+        reply: Any = await redis.xread({key: cursor}, block=block_ms, count=500)
+        for _stream, entries in reply:
+            for entry_id, fields in entries:
+                cursor = entry_id
+                yield decode_entry(entry_id, fields)
+
+
+class ConsumerGroupReader:
+    """At-least-once delivery to a named group: read, process, then ack.
+
+    A consumer that died holding entries leaves them pending; `claim_stale` hands them to a
+    live consumer after `min_idle_ms`, so nothing is lost and nothing waits forever.
+    """
+
+    def __init__(self, redis: aioredis.Redis, group: str, consumer: str, key: str = DEFAULT_KEY) -> None:
+        self.redis, self.group, self.consumer, self.key = redis, group, consumer, key
+
+    async def ensure_group(self, start_id: str = "0") -> None:
+        """Create the group (and the stream) if missing; '0' reads the retained history first."""
+        try:
+            await self.redis.xgroup_create(self.key, self.group, id=start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, *, count: int = 500, block_ms: int | None = None) -> list[StreamEvent]:
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.key: ">"}, count=count, block=block_ms
+        )
+        return [decode_entry(eid, fields) for _stream, entries in reply or [] for eid, fields in entries]
+
+    async def ack(self, entry_ids: list[str]) -> int:
+        if not entry_ids:
+            return 0
+        return int(await self.redis.xack(self.key, self.group, *entry_ids))
+
+    async def claim_stale(self, *, min_idle_ms: int, count: int = 500) -> list[StreamEvent]:
+        reply: Any = await self.redis.xautoclaim(
+            self.key, self.group, self.consumer, min_idle_time=min_idle_ms, start_id="0", count=count
+        )
+        entries = reply[1]
+        # Entries trimmed by MAXLEN while pending come back as None: nothing left to process.
+        return [decode_entry(eid, fields) for eid, fields in entries if fields]
