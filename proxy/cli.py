@@ -1,4 +1,4 @@
-"""The `abproxy` command line: serve, assign, rollout, mock-upstream, demo."""
+"""The `abproxy` command line: serve, assign, rollout, events, traffic, mock-upstream, demo."""
 
 from __future__ import annotations
 
@@ -249,6 +249,79 @@ def demo(users: int, requests_per_user: int, concurrency: int) -> None:
         run_demo(users, requests_per_user, concurrency)
     except RuntimeError as exc:
         _fail(f"demo failed: {exc}")
+
+
+# -- events: the per-request event stream in Redis ------------------------------------------
+@main.group()
+def events() -> None:
+    """Read the per-request event stream (events.redis_stream in the config)."""
+
+
+@events.command("tail")
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+@click.option("--experiment", default=None, help="Only this experiment's requests.")
+@click.option("--variant", type=click.Choice(["control", "treatment"]), default=None, help="Only this variant.")
+@click.option("--json", "as_json", is_flag=True, help="Print each event as its JSON object.")
+@click.option("--last", default=0, show_default=True, help="First replay this many recent events.")
+def events_tail(config: str | None, experiment: str | None, variant: str | None, as_json: bool, last: int) -> None:
+    """Follow requests live, one line each, until interrupted."""
+    import orjson
+
+    from proxy.event_stream import StreamEvent
+    from proxy.events_tail import follow, format_line, matches
+
+    _, settings = _settings(config)
+    stream = settings.events.redis_stream
+    if not stream.enabled:
+        click.echo("note: events.redis_stream.enabled is false in this config; waiting for events anyway", err=True)
+
+    def show(entry: StreamEvent) -> None:
+        if matches(entry.event, experiment, variant):
+            click.echo(orjson.dumps(entry.event).decode() if as_json else format_line(entry.event))
+
+    try:
+        asyncio.run(follow(settings.redis_url, stream.key, show, lambda m: click.echo(m, err=True), last=last))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--base-url", default="http://127.0.0.1:8080/v1", show_default=True, help="The proxy's /v1 URL.")
+@click.option("--model", default="sales-companion", show_default=True, help="Model alias to request.")
+@click.option("--rps", default=5.0, show_default=True, help="Requests per second.")
+@click.option("--users", default=500, show_default=True, help="Size of the simulated user pool.")
+@click.option("--stream-share", default=0.3, show_default=True, help="Share of streaming requests (0..1).")
+@click.option("--duration", default=0.0, show_default=True, help="Seconds to run; 0 = until interrupted.")
+@click.option("--ramp", default="", help="Comma-separated rollout percents to walk through, e.g. 5,10,25,50.")
+@click.option("--ramp-every", default=120.0, show_default=True, help="Seconds between ramp steps.")
+@click.option("--admin-url", default=None, help="Proxy URL for the admin API [the --base-url host].")
+@click.option("--experiment", default=None, help="Experiment to ramp [--model].")
+def traffic(
+    base_url: str, model: str, rps: float, users: int, stream_share: float, duration: float,
+    ramp: str, ramp_every: float, admin_url: str | None, experiment: str | None,
+) -> None:
+    """Send simulated users' requests at a steady rate (and optionally ramp the rollout)."""
+    from proxy.traffic import TrafficPlan, run_traffic
+
+    if rps <= 0 or users < 1 or not 0 <= stream_share <= 1:
+        _fail("--rps must be > 0, --users >= 1 and --stream-share within 0..1")
+    try:
+        percents = tuple(float(p) for p in ramp.split(",") if p.strip())
+    except ValueError:
+        _fail(f"--ramp must be comma-separated numbers, got {ramp!r}")
+    token = os.environ.get("ABPROXY_ADMIN_TOKEN")
+    if percents and not token:
+        _fail("--ramp changes the rollout through the admin API: set ABPROXY_ADMIN_TOKEN")
+    plan = TrafficPlan(
+        base_url=base_url, model=model, rps=rps, users=users, stream_share=stream_share, duration_s=duration,
+        ramp=percents, ramp_every_s=ramp_every, admin_url=admin_url or base_url.removesuffix("/v1"),
+        admin_token=token, experiment=experiment,
+    )
+    try:
+        stats = asyncio.run(run_traffic(plan, lambda line: click.echo(line, err=True)))
+    except KeyboardInterrupt:
+        return
+    click.echo(f"sent {stats.sent}: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.by_outcome.items())))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Readers:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,23 +55,37 @@ def decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEve
 
 
 async def tail(
-    redis: aioredis.Redis, key: str = DEFAULT_KEY, *, last: int = 0, block_ms: int = 1000
+    redis: aioredis.Redis,
+    key: str = DEFAULT_KEY,
+    *,
+    last: int = 0,
+    block_ms: int = 1000,
+    on_malformed: Callable[[str], None] | None = None,
 ) -> AsyncIterator[StreamEvent]:
-    """Follow the stream live, after first replaying the `last` most recent events."""
+    """Follow the stream live, after first replaying the `last` most recent events.
+
+    Entries this layout doesn't describe are skipped (and reported), never fatal to the tail.
+    """
     cursor: Any = "$"
+    entries: list[Any] = []
     if last > 0:
         # redis-py types stream replies loosely; their shape is fixed by the commands.
         recent: Any = await redis.xrevrange(key, count=last)
-        for entry_id, fields in reversed(recent):
-            yield decode_entry(entry_id, fields)
+        entries = list(reversed(recent))
         if recent:
             cursor = recent[0][0]
     while True:
+        for entry_id, fields in entries:
+            cursor = entry_id
+            try:
+                event = decode_entry(entry_id, fields)
+            except ValueError as exc:
+                if on_malformed is not None:
+                    on_malformed(str(exc))
+                continue
+            yield event
         reply: Any = await redis.xread({key: cursor}, block=block_ms, count=500)
-        for _stream, entries in reply:
-            for entry_id, fields in entries:
-                cursor = entry_id
-                yield decode_entry(entry_id, fields)
+        entries = [entry for _stream, stream_entries in reply for entry in stream_entries]
 
 
 class ConsumerGroupReader:

@@ -1,0 +1,360 @@
+"""The deployment files, checked without a Docker engine or a cluster.
+
+docker-compose.yml against the vendored Compose Specification schema, deploy/Dockerfile with
+hadolint, and deploy/kubernetes rendered by `kubectl kustomize` and validated against the
+Kubernetes schemas (kubernetes-validate) and the vendored ServiceMonitor CRD schema. The config
+files each deployment ships are loaded with the proxy's own loader. A missing kubectl or hadolint
+fails these tests: CI must have both.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from click import Context
+
+from proxy.cli import main as cli
+from proxy.config import Settings, load_settings, settings_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
+SCHEMAS = ROOT / "deploy" / "schemas"
+K8S_VERSION = "1.32.0"  # the oldest Kubernetes minor the manifests promise to work on
+SECRET_NAME = "abproxy-secrets"
+STACK = {"redis", "mock-base", "mock-finetuned", "proxy", "prometheus", "grafana", "traffic"}
+# What the image holds at /app/config (Dockerfile: WORKDIR /app, COPY config ./config).
+IMAGE_CONFIG_DIR = "/app/config/"
+
+
+def _tool(name: str) -> str:
+    """The venv's copy of a CLI tool, else the one on PATH; a missing tool fails the test."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found in {local.parent} or on PATH: install it (pip install -e '.[test]'; "
+                    "kubectl from https://kubernetes.io/docs/tasks/tools/) to validate the deployment files")
+    return found
+
+
+def _fake_env(raw: dict[str, Any]) -> dict[str, str]:
+    """The environment a deployment provides: every api_key_env plus the proxy's own variables."""
+    env = {u["api_key_env"]: "test-key" for u in raw["upstreams"].values() if u.get("api_key_env")}
+    return env | {"REDIS_URL": "redis://redis:6379/0", "ABPROXY_ADMIN_TOKEN": "t", "ABPROXY_USER_HASH_KEY": "k"}
+
+
+def _config_arg(args: list[str]) -> str:
+    assert "--config" in args, f"no --config in {args}"
+    return args[args.index("--config") + 1]
+
+
+# -- docker compose --------------------------------------------------------------------------
+@functools.cache
+def _compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return doc
+
+
+def _binds(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of each bind mount; named volumes are left out."""
+    binds = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+            if source.startswith((".", "/", "~")):
+                binds.append((source, target))
+        elif volume.get("type") == "bind":
+            binds.append((volume["source"], volume["target"]))
+    return binds
+
+
+def _host_path(service: dict[str, Any], container_path: str) -> Path | None:
+    """Where in the repository a path inside a compose container comes from, if it is bind-mounted."""
+    for source, target in _binds(service):
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            return ROOT / source / container_path.removeprefix(target).lstrip("/")
+    return None
+
+
+class TestCompose:
+    def test_validates_against_the_compose_spec(self) -> None:
+        """docker-compose.yml is valid under the vendored Compose Specification schema."""
+        schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+        # It declares draft-07 by a URL without the trailing "#", which jsonschema does not recognise.
+        errors = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+                  for e in jsonschema.Draft7Validator(schema).iter_errors(_compose())]
+        assert not errors, "\n".join(errors)
+
+    def test_runs_the_whole_stack(self) -> None:
+        """Redis, both mocks, the proxy, Prometheus, Grafana and the traffic generator are services."""
+        assert set(_compose()["services"]) >= STACK
+
+    def test_bind_mounted_paths_exist(self) -> None:
+        """Every host path compose bind-mounts exists in the repository."""
+        missing = [f"{name}: {source}" for name, service in _compose()["services"].items()
+                   for source, _ in _binds(service) if not (ROOT / source).exists()]
+        assert not missing, f"bind-mounted paths missing from the repo: {missing}"
+
+    def test_grafana_home_dashboard_is_mounted(self) -> None:
+        """Grafana's home dashboard is a file bind-mounted from the repository, so it shows at once."""
+        grafana = _compose()["services"]["grafana"]
+        home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+        host = _host_path(grafana, home)
+        assert host is not None and host.is_file(), f"{home} is not a repository file mounted into grafana"
+        assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+
+    def test_proxy_config_loads(self) -> None:
+        """The config file the compose proxy runs with passes the proxy's own validation."""
+        path = _config_arg(_compose()["services"]["proxy"]["command"])
+        assert path.startswith(IMAGE_CONFIG_DIR), f"{path} is not a file the image copies from config/"
+        host_path = ROOT / "config" / path.removeprefix(IMAGE_CONFIG_DIR)
+        settings = load_settings(host_path, _fake_env(yaml.safe_load(host_path.read_text())))
+        assert settings.server.port == 8080
+        assert settings.server.metrics_port == 9091  # deploy/prometheus/prometheus.yml scrapes proxy:9091
+
+    def test_abproxy_commands_parse(self) -> None:
+        """Each service built from the image runs an abproxy command whose options the CLI accepts."""
+        built = {name: s for name, s in _compose()["services"].items() if "build" in s}
+        assert set(built) >= {"proxy", "mock-base", "mock-finetuned", "traffic"}
+        for name, service in built.items():
+            command, *args = service["command"]
+            assert command in cli.commands, f"{name}: abproxy has no command {command!r}"
+            with Context(cli, info_name="abproxy") as parent:
+                cli.commands[command].make_context(command, list(args), parent=parent)
+
+    def test_health_gated_dependencies_have_healthchecks(self) -> None:
+        """A service others wait on with condition service_healthy defines a healthcheck."""
+        services = _compose()["services"]
+        for name, service in services.items():
+            for dep, cond in service.get("depends_on", {}).items():
+                assert dep in services, f"{name} depends on unknown service {dep}"
+                if cond.get("condition") == "service_healthy":
+                    check = services[dep].get("healthcheck", {})
+                    assert check.get("test") and not check.get("disable"), f"{name} waits on {dep}'s health"
+        assert services["proxy"]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services["traffic"]["depends_on"]["proxy"]["condition"] == "service_healthy"
+
+    def test_third_party_images_are_pinned(self) -> None:
+        """Images pulled from a registry name an explicit tag, never latest."""
+        for name, service in _compose()["services"].items():
+            if "build" in service:
+                continue
+            image = service["image"]
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else "latest"
+            assert tag != "latest", f"{name}: pin a tag for {image}"
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+def _final_stage() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the last stage, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    instructions = [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from:]
+
+
+class TestDockerfile:
+    def test_hadolint_clean(self) -> None:
+        """hadolint reports nothing, down to style level."""
+        result = subprocess.run([_tool("hadolint"), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_runs_as_non_root_with_a_healthcheck(self) -> None:
+        """The image runs as a numeric non-root UID, probes /healthz, and exposes 8080 and 9091."""
+        stage = _final_stage()
+        users = [args for op, args in stage if op == "USER"]
+        assert users, "the final stage has no USER"
+        uid = users[-1].split(":")[0]
+        assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]} is not a numeric non-root UID"
+        checks = [args for op, args in stage if op == "HEALTHCHECK"]
+        assert checks and "/healthz" in checks[-1], "no HEALTHCHECK against /healthz"
+        exposed = {port for op, args in stage if op == "EXPOSE" for port in args.split()}
+        assert exposed >= {"8080", "9091"}
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+@functools.cache
+def _rendered_cached() -> tuple[dict[str, Any], ...]:
+    result = subprocess.run([_tool("kubectl"), "kustomize", str(KUSTOMIZE_DIR)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kubectl kustomize failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def _rendered() -> list[dict[str, Any]]:
+    return copy.deepcopy(list(_rendered_cached()))
+
+
+def _one(kind: str) -> dict[str, Any]:
+    docs = [doc for doc in _rendered() if doc["kind"] == kind]
+    assert len(docs) == 1, f"expected one {kind}, rendered {len(docs)}"
+    return docs[0]
+
+
+def _container() -> dict[str, Any]:
+    containers = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def _port(container: dict[str, Any], ref: int | str) -> int:
+    """A probe's or Service's port reference resolved to the container port number."""
+    if isinstance(ref, int):
+        return ref
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ref in ports, f"no container port named {ref!r}"
+    return ports[ref]
+
+
+def _deployed_settings() -> Settings:
+    raw = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])
+    return settings_from_dict(raw, _fake_env(raw))
+
+
+def _closed(schema: Any) -> Any:
+    """The CRD schema with unknown fields refused, as kubectl's strict field validation does.
+
+    A structural CRD schema leaves additionalProperties unset and the API server prunes unknown
+    fields, so a misspelt key would vanish silently; in these tests it is an error instead.
+    """
+    if isinstance(schema, dict):
+        schema = {key: _closed(value) for key, value in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_closed(item) for item in schema]
+    return schema
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+class TestKubernetes:
+    def test_renders_the_expected_objects(self) -> None:
+        """kubectl kustomize renders exactly the proxy's objects, and no Secret."""
+        kinds = sorted(doc["kind"] for doc in _rendered())
+        assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                                "Service", "ServiceMonitor"])
+
+    def test_builtin_kinds_validate_strictly(self) -> None:
+        """Every built-in object validates against the Kubernetes schemas, unknown fields refused."""
+        for doc in _rendered():
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue
+            try:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(map(str, exc.path))
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {exc.message}")
+
+    def test_servicemonitor_validates_against_the_crd(self) -> None:
+        """The ServiceMonitor is valid under the vendored prometheus-operator CRD schema."""
+        schema = _closed(json.loads((SCHEMAS / "servicemonitor.json").read_text()))
+        monitor = _one("ServiceMonitor")
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in jsonschema.Draft7Validator(schema).iter_errors(monitor)]
+        assert not errors, "\n".join(errors)
+
+    def test_servicemonitor_scrapes_the_metrics_port(self) -> None:
+        """The ServiceMonitor selects the Service and scrapes its port named metrics, which is 9091."""
+        monitor, service = _one("ServiceMonitor"), _one("Service")
+        assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ports["metrics"]["port"] == 9091
+        assert _port(_container(), ports["metrics"]["targetPort"]) == 9091
+        assert ports["http"]["port"] == 8080
+        assert _port(_container(), ports["http"]["targetPort"]) == 8080
+
+    def test_probes(self) -> None:
+        """Readiness is /readyz and liveness /healthz, both on the proxy's port 8080."""
+        container = _container()
+        readiness, liveness = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
+        assert readiness["path"] == "/readyz"
+        assert liveness["path"] == "/healthz"
+        assert _port(container, readiness["port"]) == _port(container, liveness["port"]) == 8080
+
+    def test_secrets_come_from_the_secret(self) -> None:
+        """REDIS_URL, the admin token, the hash key and every api_key_env come from abproxy-secrets."""
+        container = _container()
+        from_secret = {e["name"] for e in container.get("env", [])
+                       if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
+        whole_secret = any(src.get("secretRef", {}).get("name") == SECRET_NAME for src in container.get("envFrom", []))
+        literal = {e["name"] for e in container.get("env", []) if "value" in e}
+        raw = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])
+        needed = {"REDIS_URL", "ABPROXY_ADMIN_TOKEN", "ABPROXY_USER_HASH_KEY"}
+        needed |= {u["api_key_env"] for u in raw["upstreams"].values() if u.get("api_key_env")}
+        assert not needed & literal, f"secrets given as literal values: {needed & literal}"
+        assert whole_secret or needed <= from_secret, f"not taken from {SECRET_NAME}: {needed - from_secret}"
+
+    def test_secret_example_matches_the_deployment(self) -> None:
+        """secret.example.yaml is a valid Secret holding every key the Deployment reads, and is not applied."""
+        kustomization = yaml.safe_load((KUSTOMIZE_DIR / "kustomization.yaml").read_text())
+        assert "secret.example.yaml" not in kustomization["resources"]
+        secret = yaml.safe_load((KUSTOMIZE_DIR / "secret.example.yaml").read_text())
+        kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+        assert secret["metadata"]["name"] == SECRET_NAME
+        read = {e["valueFrom"]["secretKeyRef"]["key"] for e in _container().get("env", [])
+                if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
+        assert read <= set(secret["stringData"]), f"missing from the example: {read - set(secret['stringData'])}"
+
+    def test_config_comes_from_the_generated_configmap(self) -> None:
+        """The pod mounts the generated (hash-suffixed) ConfigMap where --config points."""
+        configmap, container = _one("ConfigMap"), _container()
+        pod = _one("Deployment")["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        config_path = Path(_config_arg(container["args"]))
+        mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == config_path.parent)
+        assert volumes[mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
+        assert configmap["metadata"]["name"].startswith("abproxy-config-")  # the generator's hash suffix
+        assert config_path.name in configmap["data"]
+
+    def test_configmap_config_loads(self) -> None:
+        """The shipped config passes the proxy's validation and matches the pod's ports, one worker per pod."""
+        settings = _deployed_settings()
+        container = _container()
+        assert _port(container, "http") == settings.server.port
+        assert _port(container, "metrics") == settings.server.metrics_port == 9091
+        assert settings.server.workers == 1
+
+    def test_runs_non_root_on_a_read_only_root(self) -> None:
+        """Non-root with the image's UID, read-only root filesystem, /tmp an emptyDir."""
+        pod = _one("Deployment")["spec"]["template"]["spec"]
+        container = _container()
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        image_uid = [args for op, args in _final_stage() if op == "USER"][-1].split(":")[0]
+        assert pod["securityContext"]["runAsUser"] == int(image_uid)
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[tmp["name"]]
+
+    def test_hpa_and_pdb_target_the_deployment(self) -> None:
+        """The HPA scales the Deployment on CPU; the PDB keeps one of its pods."""
+        deployment, hpa, pdb = _one("Deployment"), _one("HorizontalPodAutoscaler"), _one("PodDisruptionBudget")
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                 "name": deployment["metadata"]["name"]}
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+        assert hpa["spec"]["minReplicas"] >= pdb["spec"]["minAvailable"] + 1
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+        assert _matches(_one("Service")["spec"]["selector"], pod_labels)
