@@ -26,10 +26,10 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def _settings(config: str | None) -> tuple[str, Settings]:
+def _settings(config: str | None, *, upstream_keys: bool = True) -> tuple[str, Settings]:
     try:
         path = config_path(config)
-        return path, load_settings(path)
+        return path, load_settings(path, upstream_keys=upstream_keys)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -52,7 +52,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
 
     from proxy.app import create_app
     from proxy.logs import configure_logging
-    from proxy.metrics import prepare_multiprocess_dir
+    from proxy.metrics import multiprocess_dir, prepare_multiprocess_dir
 
     path, settings = _settings(config)
     configure_logging(log_level)
@@ -70,11 +70,14 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
     metrics_port = settings.server.metrics_port
     if metrics_port is not None and metrics_port == options["port"]:
         _fail(f"config error: server.metrics_port: must differ from the serving port ({metrics_port})")
+    if workers > 1 or multiprocess_dir() is not None:
+        # prometheus-client is in multiprocess mode whenever the variable is set, one worker
+        # too: that directory must exist and hold no earlier run's files before metrics exist.
+        prepare_multiprocess_dir()
     if workers > 1:
         # Each worker re-reads the (already validated) file through the factory, and writes its
         # metrics to the shared multiprocess directory, set before the workers are spawned.
         os.environ["ABPROXY_CONFIG"] = os.path.abspath(path)
-        prepare_multiprocess_dir()
         _metrics_port(options["host"], metrics_port, None)
         uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
     else:
@@ -103,7 +106,7 @@ def assign(experiment: str, user_id: str, config: str | None) -> None:
     from proxy.assignment import bucket, choose_variant, threshold
     from proxy.experiments import Router
 
-    _, settings = _settings(config)
+    _, settings = _settings(config, upstream_keys=False)
     exp = Router(settings).experiments.get(experiment)
     if exp is None:
         _fail(f"unknown experiment {experiment!r}; known: {', '.join(sorted(settings.experiments))}")
@@ -270,7 +273,7 @@ def events_tail(config: str | None, experiment: str | None, variant: str | None,
     from proxy.event_stream import StreamEvent
     from proxy.events_tail import follow, format_line, matches
 
-    _, settings = _settings(config)
+    _, settings = _settings(config, upstream_keys=False)
     stream = settings.events.redis_stream
     if not stream.enabled:
         click.echo("note: events.redis_stream.enabled is false in this config; waiting for events anyway", err=True)

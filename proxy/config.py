@@ -178,8 +178,14 @@ def _format_validation_error(exc: ValidationError) -> str:
     return f"config error: {key}: {message}"
 
 
-def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the config file, then fill secrets from `environ`."""
+def load_settings(
+    path: str | Path, environ: Mapping[str, str] | None = None, *, upstream_keys: bool = True
+) -> Settings:
+    """Read and validate the config file, then fill secrets from `environ`.
+
+    `upstream_keys=False` is for tools that never call an upstream (`events tail`, `assign`):
+    they should run on an ops box that does not hold the model providers' keys.
+    """
     env = os.environ if environ is None else environ
     try:
         raw: Any = yaml.safe_load(Path(path).read_text())
@@ -191,10 +197,10 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         raise ConfigError(f"config error: {path} is not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config error: {path} must be a mapping with upstreams, models, experiments")
-    return settings_from_dict(raw, env)
+    return settings_from_dict(raw, env, upstream_keys=upstream_keys)
 
 
-def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
+def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str], *, upstream_keys: bool = True) -> Settings:
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
@@ -204,7 +210,7 @@ def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
         key = None
         if upstream.api_key_env:
             key = env.get(upstream.api_key_env)
-            if not key:
+            if not key and upstream_keys:
                 raise ConfigError(
                     f"config error: upstreams.{name}.api_key_env: environment variable "
                     f"{upstream.api_key_env} is not set"

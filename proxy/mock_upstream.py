@@ -183,6 +183,14 @@ def _reply(name: str, model: str, count: int, noun: str, seed: str) -> list[str]
     return words + [_FILLER[i % len(_FILLER)] for i in range(target - len(words))]
 
 
+def _cap(words: list[str], body: JSON) -> tuple[list[str], str]:
+    """Honour max_tokens (one word = one token here): a cut reply finishes with "length"."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(words):
+        return words[:limit], "length"
+    return words, "stop"
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> JSON:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -235,13 +243,13 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
     texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
     last_user = next((t for m, t in zip(reversed(messages), reversed(texts), strict=True)
                       if isinstance(m, dict) and m.get("role") == "user"), "")
-    words = _reply(ctx.state.name, model, len(messages), "messages", last_user)
+    words, finish = _cap(_reply(ctx.state.name, model, len(messages), "messages", last_user), body)
     usage = _usage(max(1, sum(_words(t) + 3 for t in texts)), len(words))
     base: JSON = {"id": f"chatcmpl-mock-{ctx.request_id}", "created": int(time.time()), "model": model}
     if body.get("stream") is not True:
         message = {"role": "assistant", "content": " ".join(words)}
         return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]})
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]})
     with_usage = _include_usage(body)
 
     def chunk(delta: JSON, finish: str | None) -> JSON:
@@ -253,7 +261,7 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
 
     frames: list[Frame] = [(False, chunk({"role": "assistant", "content": ""}, None))]
     frames += [(True, chunk({"content": w if i == 0 else " " + w}, None)) for i, w in enumerate(words)]
-    frames.append((False, chunk({}, "stop")))
+    frames.append((False, chunk({}, finish)))
     if with_usage:
         frames.append((False, {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
     return await _stream(request, ctx, frames)
@@ -262,7 +270,7 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
 async def _completions(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
     body, model = ctx.body, ctx.body["model"]
     prompts = _inputs(body.get("prompt"), "prompt")
-    words = _reply(ctx.state.name, model, len(prompts), "prompts", prompts[-1][0])
+    words, finish = _cap(_reply(ctx.state.name, model, len(prompts), "prompts", prompts[-1][0]), body)
     usage = _usage(max(1, sum(n for _, n in prompts)), len(words))
     base: JSON = {"id": f"cmpl-mock-{ctx.request_id}", "object": "text_completion",
                   "created": int(time.time()), "model": model}
@@ -271,12 +279,12 @@ async def _completions(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
     if body.get("stream") is not True:
-        return web.json_response({**base, "choices": [choice(" ".join(words), "stop")], "usage": usage})
+        return web.json_response({**base, "choices": [choice(" ".join(words), finish)], "usage": usage})
     with_usage = _include_usage(body)
     extra: JSON = {"usage": None} if with_usage else {}
     frames: list[Frame] = [(True, {**base, "choices": [choice(w if i == 0 else " " + w, None)], **extra})
                            for i, w in enumerate(words)]
-    frames.append((False, {**base, "choices": [choice("", "stop")], **extra}))
+    frames.append((False, {**base, "choices": [choice("", finish)], **extra}))
     if with_usage:
         frames.append((False, {**base, "choices": [], "usage": usage}))
     return await _stream(request, ctx, frames)
