@@ -228,3 +228,54 @@ class ProxyServer(Process):
 
         lines = self.stdout_path.read_text().splitlines() if self.stdout_path.exists() else []
         return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+class PrometheusServer(Process):
+    """A real Prometheus (Debian's `prometheus` package) scraping `targets` every second, with
+    `rule_files` loaded and evaluated every second, in a throwaway TSDB under `log_dir`."""
+
+    def __init__(self, log_dir: Path, targets: list[str], rule_files: list[Path], job: str = "abproxy") -> None:
+        binary = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+        if binary is None:
+            raise RuntimeError("prometheus is not installed (apt-get install -y --no-install-recommends prometheus)")
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(path) for path in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+        }
+        config_file = log_dir / f"prometheus-{self.port}.yml"
+        config_file.write_text(yaml.safe_dump(config))
+        argv = [binary, f"--config.file={config_file}", f"--storage.tsdb.path={log_dir / f'tsdb-{self.port}'}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
+        super().__init__(f"prometheus-{self.port}", argv, log_dir)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        super().start()
+        try:
+            wait_until(lambda: self.http.get("/-/ready").status_code == 200, timeout=30, what=self.name)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} did not become ready\n{self.logs()}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        super().stop(sig, timeout)
+        self.http.close()
+
+    def api(self, path: str, **params: Any) -> Any:
+        """GET /api/v1/<path>; raises with Prometheus's own error text unless the status is success."""
+        response = self.http.get(f"/api/v1/{path}", params=params)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise AssertionError(f"/api/v1/{path} {params}: {response.status_code} {body.get('error', body)}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query at now: the result vector, each item {"metric": {...}, "value": [t, "v"]}."""
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", f"{expr!r} returned a {data['resultType']}"
+        return data["result"]  # type: ignore[no-any-return]
