@@ -13,7 +13,9 @@ a worker's gauges when it shuts down (`mark_process_dead`).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +201,8 @@ def prepare_multiprocess_dir() -> str:
     if path is None:
         path = tempfile.mkdtemp(prefix="abproxy-metrics-")
         os.environ[MULTIPROC_ENV] = path
+        # Ours to remove: the supervisor exits after its workers, so nothing still writes there.
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
     else:
         Path(path).mkdir(parents=True, exist_ok=True)
         for stale in Path(path).glob("*.db"):

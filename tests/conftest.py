@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,11 @@ def proxy(upstreams: tuple[MockUpstream, MockUpstream], redis_url: str, tmp_path
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def closed_port() -> Iterator[int]:
+    """A port bound but never listening: connecting is refused, and no other test can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])

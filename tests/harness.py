@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,19 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, wh
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def eventually(check: Callable[[], None], timeout: float = 5.0) -> None:
+    """Retry an assertion: metrics and events are recorded just after the response is sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _port_open(port: int) -> bool:

@@ -33,6 +33,14 @@ def _experiment(raw: dict[str, Any]) -> dict[str, Any]:
     return exp
 
 
+def _assert_names_key(mutate: Mutation, key: str, problem: str) -> None:
+    raw = _local()
+    mutate(raw)
+    message = _config_error(raw)
+    assert f": {key}: " in message, message
+    assert problem in message, message
+
+
 def _config_error(raw: dict[str, Any], env: dict[str, str] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
         settings_from_dict(raw, env or {})
@@ -173,11 +181,7 @@ class TestErrors:
     )  # fmt: skip
     def test_one_line_naming_the_key(self, mutate: Mutation, key: str, problem: str) -> None:
         """Each mistake gives one line, no traceback, naming the key path and the problem."""
-        raw = _local()
-        mutate(raw)
-        message = _config_error(raw)
-        assert f": {key}: " in message, message
-        assert problem in message, message
+        _assert_names_key(mutate, key, problem)
 
     def test_duplicate_alias_names_both_experiments(self) -> None:
         """An alias routed by two experiments names the alias and both experiments."""
@@ -325,3 +329,72 @@ class TestEnvironment:
     def test_settings_type(self) -> None:
         """load_settings returns Settings (the validated type the runtime takes)."""
         assert isinstance(load_settings(LOCAL, {}), Settings)
+
+
+class TestMetricsAndEventSettings:
+    def test_defaults(self) -> None:
+        """No metrics_port (metrics on the serving port); the Redis Stream sink off, key abproxy:events."""
+        settings = load_settings(LOCAL, {})
+        assert settings.server.metrics_port is None
+        stream = settings.events.redis_stream
+        assert stream.enabled is False
+        assert stream.key == "abproxy:events"
+        assert stream.maxlen >= 1
+
+    def test_metrics_port_and_stream_are_read(self) -> None:
+        """A distinct metrics_port and a redis_stream section reach the settings as written."""
+        raw = _local()
+        raw["server"]["metrics_port"] = 9091
+        raw["events"] = {"redis_stream": {"enabled": True, "key": "ab:ev", "maxlen": 1000}}
+        settings = settings_from_dict(raw, {})
+        assert settings.server.metrics_port == 9091
+        assert (settings.events.redis_stream.enabled, settings.events.redis_stream.key) == (True, "ab:ev")
+        assert settings.events.redis_stream.maxlen == 1000
+
+    @pytest.mark.parametrize(
+        ("mutate", "key", "problem"),
+        [
+            pytest.param(
+                lambda r: r["server"].update(metrics_port=8080),
+                "server.metrics_port", "must differ from server.port (8080)", id="metrics-port-equals-port",
+            ),
+            pytest.param(
+                lambda r: r.update(server={"metrics_port": 8080}),
+                "server.metrics_port", "must differ from server.port (8080)", id="metrics-port-equals-default-port",
+            ),
+            pytest.param(
+                lambda r: r["server"].update(metrics_port=0),
+                "server.metrics_port", "greater than or equal to 1", id="metrics-port-zero",
+            ),
+            pytest.param(
+                lambda r: r["server"].update(metrics_port=65536),
+                "server.metrics_port", "65535", id="metrics-port-above-range",
+            ),
+            pytest.param(
+                lambda r: r.update(events={"redis_stream": {"enabled": True, "maxlenn": 10}}),
+                "events.redis_stream.maxlenn", "unknown key", id="redis-stream-unknown-key",
+            ),
+            pytest.param(
+                lambda r: r.update(events={"redis_stream": {"maxlen": 0}}),
+                "events.redis_stream.maxlen", "greater than or equal to 1", id="redis-stream-maxlen-zero",
+            ),
+        ],
+    )  # fmt: skip
+    def test_one_line_naming_the_key(self, mutate: Mutation, key: str, problem: str) -> None:
+        """Each metrics or event-stream mistake gives one line naming the key path and the problem."""
+        _assert_names_key(mutate, key, problem)
+
+    def test_serve_refuses_metrics_port_equal_to_the_port_flag(self, tmp_path: Path) -> None:
+        """`serve --port P` with server.metrics_port P (server.port elsewhere) exits 2 with one line."""
+        raw = _local()
+        raw["server"]["metrics_port"] = 18081
+        path = tmp_path / "metrics.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "18081"],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("config error: server.metrics_port: ")

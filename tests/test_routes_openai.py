@@ -12,10 +12,9 @@ import asyncio
 import hashlib
 import json
 import math
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.assignment import bucket, choose_variant, threshold
-from tests.harness import UPSTREAM_KEYS, MockUpstream, ProxyServer, RedisServer, proxy_config, wait_until
+from tests.harness import UPSTREAM_KEYS, MockUpstream, ProxyServer, RedisServer, eventually, proxy_config, wait_until
 
 EXPERIMENT = "sales-companion"
 SALT = "sales-v2"
@@ -80,13 +79,6 @@ def slow_mock(session_dir: Path) -> Iterator[MockUpstream]:
     yield mock
     mock.stop()
 
-
-@pytest.fixture(scope="module")
-def closed_port() -> Iterator[int]:
-    """A port bound but never listening: connecting is refused, and no other test can take it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -200,18 +192,6 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return _value(after, name, **labels) - _value(before, name, **labels)
 
-
-def _eventually(check: Callable[[], None], timeout: float = 3.0) -> None:
-    """Retry an assertion: metrics and events are recorded just after the response is sent."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            check()
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def _events(proxy: ProxyServer, request_ids: set[str], timeout: float = 3.0) -> dict[str, list[dict[str, Any]]]:
@@ -554,7 +534,7 @@ class TestUserId:
         assert response.headers["x-abproxy-variant"] == "control"
         assert response.json()["choices"][0]["message"]["content"].startswith("[base]")
         assert self._bucket_of(proxy, response) is None
-        _eventually(lambda: _check_delta(before, _samples(http, proxy), name, 1, experiment=EXPERIMENT))
+        eventually(lambda: _check_delta(before, _samples(http, proxy), name, 1, experiment=EXPERIMENT))
 
 
 def _check_delta(before: Samples, after: Samples, name: str, expected: float, **labels: str) -> None:
@@ -596,7 +576,7 @@ class TestAccounting:
                     )
                 _check_delta(before, after, "abproxy_request_duration_seconds_count", 9, **arm)
 
-        _eventually(check)
+        eventually(check)
 
     def test_streams_count_tokens_and_ttft(self, http: httpx.Client, proxy: ProxyServer, client: openai.OpenAI) -> None:
         """Streams count tokens from the usage chunk (asked for or not) and observe time to first token."""
@@ -619,7 +599,7 @@ class TestAccounting:
                 _check_delta(before, after, "abproxy_time_to_first_token_seconds_count", 1, endpoint=endpoint, **arm)
                 _check_delta(before, after, "abproxy_requests_total", 1, endpoint=endpoint, stream="true", **arm)
 
-        _eventually(check)
+        eventually(check)
 
     def test_one_event_per_request_without_prompt_or_user(
         self, http: httpx.Client, proxy: ProxyServer, client: openai.OpenAI
@@ -692,7 +672,7 @@ class TestIncludeUsage:
         assert len(forwarded) == 2
         assert all(b["stream_options"] == {"include_usage": True} for b in forwarded)
         arm = {"experiment": EXPERIMENT, "variant": "control", "model": BASE_MODEL}
-        _eventually(
+        eventually(
             lambda: _check_delta(
                 before,
                 _samples(http, proxy),
@@ -755,7 +735,7 @@ class TestDisconnect:
         assert time.monotonic() - closed_at < 2
         assert _stats(http, slow_mock)["streams_completed"] == 0
         arm = {"experiment": "slow-exp", "variant": "control", "model": "slow-model"}
-        _eventually(
+        eventually(
             lambda: _check_delta(
                 before, _samples(http, faulty_proxy), "abproxy_upstream_errors_total", 1, reason="cancelled", **arm
             )
@@ -797,7 +777,7 @@ class TestErrors:
         _proxy_error(response, 504, "upstream_timeout")
         assert response.headers["x-abproxy-experiment"] == "impatient-exp"
         arm = {"experiment": "impatient-exp", "variant": "control"}
-        _eventually(
+        eventually(
             lambda: _check_delta(
                 before, _samples(http, faulty_proxy), "abproxy_upstream_errors_total", 1, reason="timeout", **arm
             )
