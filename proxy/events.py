@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from proxy.background import cancel_and_wait
 from proxy.event_stream import SCHEMA_VERSION, entry_fields
 from proxy.metrics import Metrics
 
@@ -118,13 +119,8 @@ class EventLog:
 
     async def stop(self) -> None:
         for buffer in self._buffers:
-            if buffer.task is not None:
-                buffer.task.cancel()
-                try:
-                    await buffer.task
-                except asyncio.CancelledError:
-                    pass
-                buffer.task = None
+            await cancel_and_wait(buffer.task)
+            buffer.task = None
         await self.flush()
         for buffer in self._buffers:
             await buffer.sink.close()

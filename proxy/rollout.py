@@ -29,6 +29,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from proxy.assignment import threshold
+from proxy.background import cancel_and_wait
 from proxy.errors import StateUnavailable
 
 CHANNEL = "abproxy:rollout"
@@ -249,13 +250,8 @@ class RolloutCache:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     # -- updates ---------------------------------------------------------------------------
     def apply(self, state: RolloutState, *, received_at: float | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import BinaryIO
 import redis.asyncio as aioredis
 import structlog
 
+from proxy.background import cancel_and_wait
 from proxy.config import Settings
 from proxy.events import EventLog, RedisStreamSink, Sink, StdoutSink
 from proxy.experiments import Router
@@ -91,9 +92,8 @@ class Runtime:
         )
 
     async def stop(self) -> None:
-        if self._gauges is not None:
-            self._gauges.cancel()
-            self._gauges = None
+        await cancel_and_wait(self._gauges)
+        self._gauges = None
         await self.rollout.stop()
         await self.upstreams.stop()
         await self.events.stop()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,22 @@ def _stream_events(url: str, key: str = STREAM_KEY) -> list[dict[str, Any]]:
         return [decode_entry(eid, fields).event for eid, fields in client.xrange(key)]
     finally:
         client.close()
+
+
+@contextmanager
+def _proxy_on_own_redis(
+    upstreams: tuple[MockUpstream, MockUpstream], tmp_path: Path
+) -> Iterator[tuple[RedisServer, ProxyServer]]:
+    """A Redis of its own (to kill or pause) and a proxy with a short-timeout stream sink on it."""
+    own_redis = RedisServer(tmp_path)
+    own_redis.start()
+    proxy = ProxyServer(_stream_config(upstreams, timeout_s=0.2), tmp_path, own_redis.url)
+    proxy.start()
+    try:
+        yield own_redis, proxy
+    finally:
+        proxy.stop()
+        own_redis.stop()
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +164,9 @@ class TestRedisStreamSink:
             client = _client(proxy)
             for i in range(400):
                 client.embeddings.create(model="sales-companion", input="x", user=f"trim-{i}")
-            metrics = lambda: proxy.metrics_text()  # noqa: E731
-            wait_until(lambda: _sample(metrics(), "abproxy_events_total", sink="redis") >= 400, what="written")
+            wait_until(
+                lambda: _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis") >= 400, what="written"
+            )
         finally:
             proxy.stop()
         length = redis.Redis.from_url(redis_url).xlen(STREAM_KEY)
@@ -158,11 +176,7 @@ class TestRedisStreamSink:
         self, upstreams: tuple[MockUpstream, MockUpstream], tmp_path: Path
     ) -> None:
         """With its Redis killed, the proxy answers every request, counts the lost events, and recovers."""
-        own_redis = RedisServer(tmp_path)
-        own_redis.start()
-        proxy = ProxyServer(_stream_config(upstreams, timeout_s=0.2), tmp_path, own_redis.url)
-        proxy.start()
-        try:
+        with _proxy_on_own_redis(upstreams, tmp_path) as (own_redis, proxy):
             client = _client(proxy)
             client.chat.completions.create(model="sales-companion", messages=[{"role": "user", "content": "a"}])
             own_redis.kill()
@@ -179,43 +193,35 @@ class TestRedisStreamSink:
             own_redis.start()
             written_before = _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis")
 
-
             def recovered() -> bool:
                 # Events that arrive while the sink waits out its retry delay are dropped: keep sending.
                 client.chat.completions.create(model="sales-companion", messages=[{"role": "user", "content": "c"}])
                 return _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis") > written_before
 
             wait_until(recovered, timeout=15, interval=0.2, what="sink recovered")
-        finally:
-            proxy.stop()
-            own_redis.stop()
 
     def test_slow_redis_does_not_hold_requests(
         self, upstreams: tuple[MockUpstream, MockUpstream], tmp_path: Path
     ) -> None:
         """While Redis stalls every write (CLIENT PAUSE), requests are still answered and stalled events dropped."""
-        own_redis = RedisServer(tmp_path)
-        own_redis.start()
-        proxy = ProxyServer(_stream_config(upstreams, timeout_s=0.2), tmp_path, own_redis.url)
-        proxy.start()
-        control = redis.Redis.from_url(own_redis.url)
-        try:
-            client = _client(proxy)
-            control.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
-            answered = 0
-            while control.ttl("nothing") == -2 and answered < 30:  # TTL is a read: allowed while paused
-                client.chat.completions.create(model="sales-companion", messages=[{"role": "user", "content": "x"}])
-                answered += 1
-            assert answered == 30  # none of them waited out the 3 s pause
-            wait_until(
-                lambda: _sample(proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis") > 0,
-                timeout=10, what="drops counted",
-            )
-        finally:
-            control.execute_command("CLIENT", "UNPAUSE")
-            control.close()
-            proxy.stop()
-            own_redis.stop()
+        with _proxy_on_own_redis(upstreams, tmp_path) as (own_redis, proxy):
+            control = redis.Redis.from_url(own_redis.url)
+            # Paused far longer than the client waits: a request that waited on Redis would time out.
+            control.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+            try:
+                client = _client(proxy).with_options(timeout=10)
+                for _ in range(30):
+                    reply = client.chat.completions.create(
+                        model="sales-companion", messages=[{"role": "user", "content": "x"}]
+                    )
+                    assert reply.choices[0].message.content
+                wait_until(
+                    lambda: _sample(proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis") > 0,
+                    timeout=10, what="drops counted",
+                )
+            finally:
+                control.execute_command("CLIENT", "UNPAUSE")
+                control.close()
 
 
 class TestEventLog:
