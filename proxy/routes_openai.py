@@ -148,12 +148,11 @@ class OpenAIHandler:
         if user_id is None:
             bucket_ = None
             variant = "control"
+            self.metrics.unidentified.labels(experiment.name, variant, experiment.control.upstream_model).inc()
         else:
             bucket_ = bucket(experiment.salt, user_id)
             variant = choose_variant(bucket_, self.rollout.thresholds[experiment.name])
         arm = experiment.arm(variant)
-        if user_id is None:
-            self.metrics.unidentified.labels(experiment.name, variant, arm.upstream_model).inc()
         endpoint, can_stream = route
         body["model"] = arm.upstream_model
         stream = can_stream and body.get("stream") is True
