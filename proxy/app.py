@@ -40,7 +40,9 @@ class ProxyApp:
             runtime.metrics,
             runtime.events,
             max_body_bytes=MAX_BODY_BYTES,
-            user_hash_key=runtime.settings.user_hash_key,
+            request_ids=runtime.request_ids,
+            hash_user=runtime.hash_user,
+            feedback=runtime.feedback,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -69,6 +69,76 @@ def validate_percent(value: float) -> float:
     return round(value, 2)
 
 
+# Outcomes the proxy derives from its own events (never declared, never sent as feedback).
+IMPLICIT_METRICS = ("error", "empty_response", "regenerated", "turns_per_episode")
+# Guardrails over the proxy's own measurements, tested for non-inferiority.
+GUARDRAILS = (
+    "error_rate", "empty_rate", "cost_per_query", "latency_mean",
+    "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
+)
+
+
+class MetricConfig(_Strict):
+    """An outcome the app reports through POST /v1/feedback."""
+
+    type: Literal["boolean", "float"]
+    # request: feedback names a request id (thumbs on an answer). user: names a user id (repeat usage).
+    level: Literal["request", "user"] = "request"
+    higher_is_better: bool = True
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _range(self) -> MetricConfig:
+        if self.type == "boolean" and (self.min is not None or self.max is not None):
+            raise ValueError("min/max apply to float metrics only")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class GuardrailConfig(_Strict):
+    """How much worse than control the treatment may be: by an amount, or by a factor."""
+
+    max_regression: float | None = Field(default=None, ge=0)
+    max_ratio: float | None = Field(default=None, gt=1)
+
+    @model_validator(mode="after")
+    def _one_margin(self) -> GuardrailConfig:
+        if (self.max_regression is None) == (self.max_ratio is None):
+            raise ValueError("set exactly one of max_regression or max_ratio")
+        return self
+
+
+def _default_guardrails() -> dict[str, GuardrailConfig]:
+    return {
+        "error_rate": GuardrailConfig(max_regression=0.01),
+        "latency_p95": GuardrailConfig(max_ratio=1.2),
+        "cost_per_query": GuardrailConfig(max_ratio=1.5),
+    }
+
+
+class AnalysisConfig(_Strict):
+    """The pre-registered plan of an experiment's analysis (`abproxy report`)."""
+
+    primary_metric: str | None = None
+    secondary_metrics: list[str] = []
+    guardrails: dict[str, GuardrailConfig] = Field(default_factory=_default_guardrails)
+    # Pre-registered users per variant: the fixed-horizon p-value is shown only once it is reached.
+    # Unset: computed from `mde` and the control's observed rate (or spread) at `alpha` and `power`.
+    planned_users_per_variant: int | None = Field(default=None, ge=2)
+    # Smallest absolute change of the primary metric worth detecting (0.05 = five points of a rate).
+    mde: float | None = Field(default=None, gt=0)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    power: float = Field(default=0.8, gt=0.5, lt=1)
+    # The boolean outcome whose count divides cost in "cost per successful task".
+    success_metric: str | None = None
+    # Off by default: prompts and completions of this experiment's requests go to the event stream
+    # and the store only when this is true.
+    store_prompts: bool = False
+
+
 class ExperimentConfig(_Strict):
     aliases: list[str] = Field(min_length=1)
     control: str
@@ -76,6 +146,7 @@ class ExperimentConfig(_Strict):
     salt: str | None = None
     # Strict: lax mode turns YAML `yes`/`true` into 1.0 before validate_percent can refuse it.
     rollout_percent: float = Field(default=0.0, strict=True)
+    analysis: AnalysisConfig = AnalysisConfig()
 
     @field_validator("rollout_percent")
     @classmethod
@@ -116,6 +187,34 @@ class RedisStreamConfig(_Strict):
     timeout_s: float = Field(default=1.0, gt=0)
 
 
+class FeedbackConfig(_Strict):
+    # A request id accepts feedback for this long after the request (7 days).
+    ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    # A request with the same prompt from the same user within this window marks the earlier answer regenerated.
+    regeneration_window_s: float = Field(default=120.0, gt=0)
+
+
+class StoreConfig(_Strict):
+    """Where `abproxy collect` writes and `abproxy report` reads; ABPROXY_STORE_URL overrides."""
+
+    url: str = "sqlite:///abproxy.db"
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value
+
+
+class CollectorConfig(_Strict):
+    group: str = Field(default="abproxy-collector", min_length=1)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    block_ms: int = Field(default=1000, ge=1)
+    # Entries a dead collector held this long are taken over by a live one.
+    claim_idle_ms: int = Field(default=60_000, ge=1)
+
+
 class EventsConfig(_Strict):
     enabled: bool = True  # JSON lines on stdout
     flush_interval_s: float = Field(default=0.1, gt=0)
@@ -130,10 +229,17 @@ class Settings(_Strict):
     server: ServerConfig = ServerConfig()
     rollout: RolloutConfig = RolloutConfig()
     events: EventsConfig = EventsConfig()
+    metrics: dict[str, MetricConfig] = {}
+    feedback: FeedbackConfig = FeedbackConfig()
+    store: StoreConfig = StoreConfig()
+    collector: CollectorConfig = CollectorConfig()
     redis_url: str = "redis://127.0.0.1:6379/0"
     admin_token: str | None = Field(default=None, exclude=True, repr=False)
     # Keyed hash of user ids in events, so a dictionary of e-mails cannot reverse them.
     user_hash_key: str = Field(default="", exclude=True, repr=False)
+    # Signs the request ids the proxy issues, so feedback can tell its own ids (and their age)
+    # from made-up ones without a lookup. Every instance of one deployment needs the same key.
+    signing_key: str = Field(default="", exclude=True, repr=False)
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -153,7 +259,33 @@ class Settings(_Strict):
                         f"duplicate alias {alias!r} (also in experiments.{seen[alias]})",
                     )
                 seen[alias] = name
+            self._check_analysis(name, exp.analysis)
+        for name in self.metrics:
+            if name in IMPLICIT_METRICS or name in GUARDRAILS:
+                raise _KeyProblem(f"metrics.{name}", "is a name the proxy derives itself; choose another")
+        if self.metrics and not self.events.redis_stream.enabled:
+            raise _KeyProblem(
+                "events.redis_stream.enabled", "must be true when metrics are declared (feedback travels on the stream)"
+            )
         return self
+
+    def _check_analysis(self, experiment: str, analysis: AnalysisConfig) -> None:
+        key = f"experiments.{experiment}.analysis"
+        known = {*self.metrics, *IMPLICIT_METRICS}
+        named = [("primary_metric", analysis.primary_metric), ("success_metric", analysis.success_metric)]
+        named += [(f"secondary_metrics.{i}", m) for i, m in enumerate(analysis.secondary_metrics)]
+        for field, metric in named:
+            if metric is not None and metric not in known:
+                raise _KeyProblem(f"{key}.{field}", f"unknown metric {metric!r} (declare it under metrics:)")
+        if analysis.primary_metric is not None and analysis.primary_metric in analysis.secondary_metrics:
+            raise _KeyProblem(f"{key}.secondary_metrics", f"{analysis.primary_metric!r} is already the primary metric")
+        success = analysis.success_metric
+        if success is not None and success in self.metrics and self.metrics[success].type != "boolean":
+            raise _KeyProblem(f"{key}.success_metric", f"{success!r} must be a boolean metric")
+        for guardrail in analysis.guardrails:
+            if guardrail not in GUARDRAILS:
+                known_guardrails = ", ".join(GUARDRAILS)
+                raise _KeyProblem(f"{key}.guardrails.{guardrail}", f"unknown guardrail (one of {known_guardrails})")
 
 
 class _KeyProblem(ValueError):
@@ -222,6 +354,8 @@ def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str], *, upstream_
             "redis_url": env.get("REDIS_URL", settings.redis_url),
             "admin_token": env.get("ABPROXY_ADMIN_TOKEN") or None,
             "user_hash_key": env.get("ABPROXY_USER_HASH_KEY", ""),
+            "signing_key": env.get("ABPROXY_SIGNING_KEY", ""),
+            "store": settings.store.model_copy(update={"url": env.get("ABPROXY_STORE_URL", settings.store.url)}),
         }
     )
 

@@ -6,9 +6,11 @@
     ├── AuthenticationFailed         401     authentication_error
     ├── AdminDisabled                403     permission_error
     ├── NotFound                     404     invalid_request_error
-    │   └── UnknownModel             404     invalid_request_error (code model_not_found)
+    │   ├── UnknownModel             404     invalid_request_error (code model_not_found)
+    │   └── Gone                     410     invalid_request_error (an expired request id)
     ├── UnprocessableEntity          422     invalid_request_error
     ├── StateUnavailable             503     service_unavailable   (Redis down on an admin write)
+    │   └── FeedbackUnavailable      503     service_unavailable   (feedback not stored: retry)
     └── UpstreamError                502     upstream_error
         ├── UpstreamUnreachable      502     upstream_error        (connect/reset)
         └── UpstreamTimeout          504     upstream_error        (no answer in timeout_s)
@@ -66,12 +68,20 @@ class UnknownModel(NotFound):
     default_code = "model_not_found"
 
 
+class Gone(NotFound):
+    status_code, default_code = 410, "gone"
+
+
 class UnprocessableEntity(ProxyError):
     status_code, openai_type, default_code = 422, "invalid_request_error", "invalid_value"
 
 
 class StateUnavailable(ProxyError):
     status_code, openai_type, default_code = 503, "service_unavailable", "rollout_store_unavailable"
+
+
+class FeedbackUnavailable(StateUnavailable):
+    default_code = "feedback_unavailable"
 
 
 class UpstreamError(ProxyError):

@@ -29,6 +29,7 @@ class Experiment:
     control: Arm
     treatment: Arm
     default_percent: float
+    store_prompts: bool  # prompts and answers go into its events (and the store): off by default
 
     def arm(self, variant: Variant) -> Arm:
         return self.treatment if variant == "treatment" else self.control
@@ -45,7 +46,8 @@ class Router:
                 model = settings.models[key]
                 arms[variant] = Arm(variant, key, model.upstream, model.model, model.pricing)  # type: ignore[arg-type]
             self.experiments[name] = Experiment(
-                name, cfg.salt or name, tuple(cfg.aliases), arms["control"], arms["treatment"], cfg.rollout_percent
+                name, cfg.salt or name, tuple(cfg.aliases), arms["control"], arms["treatment"], cfg.rollout_percent,
+                cfg.analysis.store_prompts,
             )
         self.by_alias: dict[str, Experiment] = {
             alias: exp for exp in self.experiments.values() for alias in exp.aliases

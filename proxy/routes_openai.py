@@ -11,8 +11,6 @@ The body stays a dict and is forwarded unchanged but for `model` (and, for strea
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -33,9 +31,11 @@ from proxy.errors import (
 )
 from proxy.events import EventLog
 from proxy.experiments import Arm, Experiment, Router
+from proxy.feedback import FeedbackIntake, accepted_body
+from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics
 from proxy.rollout import RolloutCache
-from proxy.sse import UsageTap, first_finish_reason
+from proxy.sse import UsageTap, first_finish_reason, first_text
 from proxy.types import Receive, Scope, Send
 from proxy.upstream import (
     DROPPED_REQUEST_HEADERS,
@@ -51,7 +51,12 @@ ENDPOINTS: dict[str, tuple[str, bool]] = {
     "/v1/completions": ("completions", True),
     "/v1/embeddings": ("embeddings", False),
 }
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# endpoint -> the body field that holds what the user asked
+PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "embeddings": "input"}
+FEEDBACK_PATH = "/v1/feedback"
+# A client's own request id (X-Client-Request-Id, OpenAI's header, or X-Request-Id) is kept as
+# `client_request_id` for tracing; the id of record is always the one the proxy issues.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = b"application/json"
 _DROPPED_RESPONSE = frozenset(name.encode() for name in DROPPED_RESPONSE_HEADERS)
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer ended
@@ -75,6 +80,9 @@ class Exchange:
     episode_id: str | None
     started: float
     headers: tuple[tuple[bytes, bytes], ...]  # x-request-id, x-abproxy-experiment, x-abproxy-variant
+    client_request_id: str | None
+    rollout_percent: float
+    prompt: Any  # messages / prompt / input as sent: fingerprinted (and stored if the experiment says so)
     status: int = 0
     ttft_s: float | None = None
     prompt_tokens: int = 0
@@ -82,6 +90,7 @@ class Exchange:
     error: str | None = None  # timeout | connect | 4xx | 5xx | cancelled
     upstream_status: int | None = None  # None: no response headers arrived
     finish_reason: str | None = None  # of the first choice, as the upstream reported it
+    completion: str | None = None  # the answer's text, captured only where prompts are stored
 
 
 class OpenAIHandler:
@@ -94,7 +103,9 @@ class OpenAIHandler:
         events: EventLog,
         *,
         max_body_bytes: int,
-        user_hash_key: str = "",
+        request_ids: RequestIds,
+        hash_user: UserHasher,
+        feedback: FeedbackIntake,
     ) -> None:
         self.router = router
         self.rollout = rollout
@@ -102,9 +113,9 @@ class OpenAIHandler:
         self.metrics = metrics
         self.events = events
         self.max_body_bytes = max_body_bytes
-        # blake2b keys are at most 64 bytes; longer secrets are folded to fit.
-        key = user_hash_key.encode()
-        self._user_hash_key = key if len(key) <= 64 else hashlib.sha512(key).digest()
+        self.request_ids = request_ids
+        self.hash_user = hash_user
+        self.feedback = feedback
         self._models_body = orjson.dumps(
             {
                 "object": "list",
@@ -117,13 +128,17 @@ class OpenAIHandler:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id, user_header, episode_id, forward_headers = _read_headers(scope["headers"])
+        request_id = self.request_ids.issue(time.time())
+        client_request_id, user_header, episode_id, forward_headers = _read_headers(scope["headers"])
         path: str = scope["path"]
         try:
             if path == "/v1/models" and scope["method"] == "GET":
                 await _send_json(send, 200, self._models_body, request_id)
                 return
             route = ENDPOINTS.get(path)
+            if route is None and path == FEEDBACK_PATH and scope["method"] == "POST":
+                await self._feedback(receive, send, request_id)
+                return
             if route is None:
                 raise NotFound(f"no route {scope['method']} {path}", code="unknown_url")
             if scope["method"] != "POST":
@@ -152,6 +167,7 @@ class OpenAIHandler:
         else:
             bucket_ = bucket(experiment.salt, user_id)
             variant = choose_variant(bucket_, self.rollout.thresholds[experiment.name])
+        percent = self.rollout.states[experiment.name].percent
         arm = experiment.arm(variant)
         endpoint, can_stream = route
         body["model"] = arm.upstream_model
@@ -170,6 +186,9 @@ class OpenAIHandler:
                 (b"x-abproxy-experiment", experiment.name.encode()),
                 (b"x-abproxy-variant", variant.encode()),
             ),
+            client_request_id,
+            percent,
+            body.get(PROMPT_FIELD[endpoint]),
         )
         in_flight = self.metrics.in_flight_gauge(experiment.name, variant, arm.upstream_model, endpoint)
         in_flight.inc()
@@ -183,7 +202,8 @@ class OpenAIHandler:
             async with self.upstreams.post(arm.upstream, path[3:], orjson.dumps(body), forward_headers) as response:
                 ex.status = ex.upstream_status = response.status
                 if response.status == 200:
-                    await _relay_stream(response, receive, send, ex, UsageTap(drop_usage_chunk=not client_wants_usage))
+                    tap = UsageTap(drop_usage_chunk=not client_wants_usage, capture_text=experiment.store_prompts)
+                    await _relay_stream(response, receive, send, ex, tap)
                 else:
                     with translate_errors(arm.upstream):
                         payload = await response.read()
@@ -222,6 +242,19 @@ class OpenAIHandler:
             parts.append(part)
         return b"".join(parts)
 
+    async def _feedback(self, receive: Receive, send: Send, request_id: str) -> None:
+        """Off the chat path: validate, append to the event stream, answer 202 (feedback.py)."""
+        try:
+            event = self.feedback.validate(await self._read_body(receive), time.time())
+            await self.feedback.submit(event)
+        except ClientGone:
+            return
+        except ProxyError as exc:
+            self.metrics.rejected.labels(str(exc.status_code)).inc()
+            await _send_error(send, exc, request_id, ())
+            return
+        await _send_json(send, 202, accepted_body(event), request_id)
+
     # -- recording -------------------------------------------------------------------------
     def _record(self, ex: Exchange) -> None:
         duration = time.perf_counter() - ex.started
@@ -235,31 +268,39 @@ class OpenAIHandler:
         if ex.error is not None:
             self.metrics.upstream_error(experiment, arm.variant, arm.upstream_model, ex.error)
         now = time.time()
-        self.events.emit(
-            {
-                "ts": now,
-                "time": datetime.fromtimestamp(now, UTC),
-                "request_id": ex.request_id,
-                "experiment": experiment,
-                "variant": arm.variant,
-                "model": arm.model_key,
-                "upstream_model": arm.upstream_model,
-                "user_hash": self._hash_user(ex.user_id),
-                "bucket": ex.bucket,
-                "episode_id": ex.episode_id,
-                "endpoint": ex.endpoint,
-                "stream": ex.stream,
-                "status": ex.status,
-                "upstream_status": ex.upstream_status,
-                "error": ex.error,
-                "finish_reason": ex.finish_reason,
-                "latency_ms": round(duration * 1000, 3),
-                "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
-                "prompt_tokens": ex.prompt_tokens,
-                "completion_tokens": ex.completion_tokens,
-                "cost_usd": cost,
-            }
-        )
+        identified = ex.user_id is not None
+        event: dict[str, Any] = {
+            "ts": now,
+            "time": datetime.fromtimestamp(now, UTC),
+            "request_id": ex.request_id,
+            "experiment": experiment,
+            "variant": arm.variant,
+            "model": arm.model_key,
+            "upstream_model": arm.upstream_model,
+            "user_hash": self.hash_user(ex.user_id),
+            "bucket": ex.bucket,
+            "rollout_percent": ex.rollout_percent,
+            "episode_id": ex.episode_id,
+            "endpoint": ex.endpoint,
+            "stream": ex.stream,
+            "status": ex.status,
+            "upstream_status": ex.upstream_status,
+            "error": ex.error,
+            "finish_reason": ex.finish_reason,
+            "latency_ms": round(duration * 1000, 3),
+            "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
+            "prompt_tokens": ex.prompt_tokens,
+            "completion_tokens": ex.completion_tokens,
+            "cost_usd": cost,
+            # Regeneration is the same user sending the same prompt again: a keyed
+            # fingerprint of it is enough, and reveals nothing of the text.
+            "prompt_hash": self.hash_user.prompt(orjson.dumps(ex.prompt)) if identified and ex.prompt else None,
+            "client_request_id": ex.client_request_id,
+        }
+        if ex.experiment.store_prompts:
+            event["prompt"] = ex.prompt
+            event["completion"] = ex.completion
+        self.events.emit(event)
 
     def _emit_rejected(self, request_id: str, path: str, exc: ProxyError, started: float) -> None:
         now = time.time()
@@ -276,15 +317,10 @@ class OpenAIHandler:
             }
         )
 
-    def _hash_user(self, user_id: str | None) -> str | None:
-        if user_id is None:
-            return None
-        return hashlib.blake2b(user_id.encode(), digest_size=8, key=self._user_hash_key).hexdigest()
 
-
-def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None, str | None, dict[str, str]]:
+def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, str | None, dict[str, str]]:
     """One pass over the client's headers: ids the proxy uses, and the ones to forward."""
-    request_id = user_id = episode_id = None
+    client_request_id = user_id = episode_id = None
     forward: dict[str, str] = {}
     connection = ""
     for name, value in raw:
@@ -297,10 +333,10 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None, str 
                 user_id = value.decode("latin-1") or None
         elif name == b"x-episode-id":
             episode_id = value.decode("latin-1")[:256] or None
-        elif name == b"x-request-id":
+        elif name == b"x-client-request-id" or name == b"x-request-id":
             candidate = value.decode("latin-1")
-            if _REQUEST_ID.fullmatch(candidate):
-                request_id = candidate
+            if _CLIENT_REQUEST_ID.fullmatch(candidate):
+                client_request_id = candidate
         else:
             key = name.decode("latin-1")
             if key not in DROPPED_REQUEST_HEADERS:
@@ -310,7 +346,7 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None, str 
     # RFC 9110 7.6.1: the headers Connection names are hop-by-hop too, whatever they are called.
     for option in connection.split(","):
         forward.pop(option.strip().lower(), None)
-    return request_id or os.urandom(12).hex(), user_id, episode_id, forward
+    return client_request_id, user_id, episode_id, forward
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:
@@ -331,7 +367,7 @@ def _body_user(body: dict[str, Any]) -> str | None:
     return None
 
 
-def _count_usage(payload: bytes, ex: Exchange) -> None:
+def _read_answer(payload: bytes, ex: Exchange) -> None:
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -341,6 +377,8 @@ def _count_usage(payload: bytes, ex: Exchange) -> None:
     if isinstance(obj.get("usage"), dict):
         _usage_into(obj["usage"], ex)
     ex.finish_reason = first_finish_reason(obj)
+    if ex.experiment.store_prompts:
+        ex.completion = first_text(obj)
 
 
 def _usage_into(usage: dict[str, Any], ex: Exchange) -> None:
@@ -352,7 +390,7 @@ def _usage_into(usage: dict[str, Any], ex: Exchange) -> None:
 async def _send_body(send: Send, ex: Exchange, status: int, raw_headers: RawHeaders, payload: bytes) -> None:
     ex.status = ex.upstream_status = status
     if status == 200:
-        _count_usage(payload, ex)
+        _read_answer(payload, ex)
     else:
         ex.error = "4xx" if status < 500 else "5xx"
     headers = _response_headers(raw_headers, ex.headers)
@@ -404,6 +442,7 @@ async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap:
     if tap.usage is not None:
         _usage_into(tap.usage, ex)
     ex.finish_reason = tap.finish_reason
+    ex.completion = tap.text
     if tap.error is not None:
         ex.error = "5xx"
     await send({"type": "http.response.body", "body": tap.finish(), "more_body": False})

@@ -18,6 +18,8 @@ from proxy.background import cancel_and_wait
 from proxy.config import Settings
 from proxy.events import EventLog, RedisStreamSink, Sink, StdoutSink
 from proxy.experiments import Router
+from proxy.feedback import FeedbackIntake
+from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics, mark_process_dead
 from proxy.rollout import RolloutCache, RolloutState, RolloutStore
 from proxy.upstream import UpstreamPool
@@ -46,6 +48,9 @@ class Runtime:
             self.store, defaults, resync_interval_s=settings.rollout.resync_interval_s, on_change=self._on_change
         )
         self.upstreams = UpstreamPool(settings.upstreams)
+        self.request_ids = RequestIds(settings.signing_key)
+        self.hash_user = UserHasher(settings.user_hash_key)
+        self.feedback = FeedbackIntake(settings, self.redis, self.request_ids, self.hash_user)
         self.events = EventLog(
             self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
@@ -90,6 +95,13 @@ class Runtime:
             percents={name: s.percent for name, s in self.rollout.states.items()},
             event_sinks=self.events.sink_names,
         )
+        unset = [name for name, value in (("ABPROXY_USER_HASH_KEY", self.settings.user_hash_key),
+                                          ("ABPROXY_SIGNING_KEY", self.settings.signing_key)) if not value]
+        if unset:
+            log.warning(
+                "secrets_unset", unset=unset,
+                consequence="user hashes can be reversed by guessing ids; request ids are checksummed, not signed",
+            )
 
     async def stop(self) -> None:
         await cancel_and_wait(self._gauges)

@@ -27,9 +27,25 @@ def first_finish_reason(obj: dict[str, Any]) -> str | None:
     return None
 
 
+def first_text(obj: dict[str, Any]) -> str | None:
+    """The text of `choices[0]`: a chat message, a chat delta, or a legacy completion."""
+    choices = obj.get("choices")
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+        return None
+    choice = choices[0]
+    message = choice.get("message") or choice.get("delta")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else None
+
+
 class UsageTap:
-    def __init__(self, *, drop_usage_chunk: bool) -> None:
+    """`capture_text` (an experiment that stores prompts) parses every event to keep the answer's
+    text; otherwise only the few events that carry usage, an error or a finish reason are parsed."""
+
+    def __init__(self, *, drop_usage_chunk: bool, capture_text: bool = False) -> None:
         self._drop = drop_usage_chunk
+        self._capture = capture_text
+        self._parts: list[str] = []
         self._pending = b""
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
@@ -45,7 +61,12 @@ class UsageTap:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
-        if b'"usage"' not in complete and b'"error"' not in complete and not _has_finish(complete):
+        if (
+            not self._capture
+            and b'"usage"' not in complete
+            and b'"error"' not in complete
+            and not _has_finish(complete)
+        ):
             return complete
         kept = [event for event in complete[:-2].split(b"\n\n") if self._keep(event)]
         return b"".join(event + b"\n\n" for event in kept)
@@ -55,9 +76,14 @@ class UsageTap:
         rest, self._pending = self._pending, b""
         return rest
 
+    @property
+    def text(self) -> str | None:
+        return "".join(self._parts) if self._capture else None
+
     def _keep(self, event: bytes) -> bool:
         if (
-            (b'"usage"' not in event or any(n in event for n in _NULL_USAGE))
+            not self._capture
+            and (b'"usage"' not in event or any(n in event for n in _NULL_USAGE))
             and b'"error"' not in event
             and not _has_finish(event)
         ):
@@ -73,6 +99,10 @@ class UsageTap:
             return True
         if isinstance(obj.get("error"), dict):
             self.error = obj["error"]
+        if self._capture:
+            piece = first_text(obj)
+            if piece:
+                self._parts.append(piece)
         reason = first_finish_reason(obj)
         if reason is not None and self.finish_reason is None:
             self.finish_reason = reason

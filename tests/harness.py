@@ -1,4 +1,4 @@
-"""Real processes for tests: a redis-server, mock upstreams and proxies, each on a free port.
+"""Real processes for tests: redis-server, PostgreSQL, mock upstreams and proxies, each on a free port.
 
 Nothing here is a fake: tests talk to the same binaries a user runs. Every process is started
 with its output in a file under the test's tmp dir, so a failing test can show it.
@@ -6,12 +6,14 @@ with its output in a file under the test's tmp dir, so a failing test can show i
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +124,105 @@ class RedisServer(Process):
         wait_until(lambda: _port_open(self.port), what="redis-server")
 
 
+def postgres_bindir() -> Path | None:
+    """Where initdb and postgres live: pg_config's answer, else the newest Debian install."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        found = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if found and Path(found, "initdb").exists():
+            return Path(found)
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    if candidates:
+        return Path(candidates[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer(Process):
+    """A throwaway PostgreSQL cluster: trust auth, no durability (fsync off), on 127.0.0.1.
+
+    PostgreSQL refuses to run as root, so under root the cluster belongs to the `postgres`
+    user, in a directory of its own under the system temp dir (pytest's are private to root).
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        bindir = postgres_bindir()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bindir = bindir
+        self.port = free_port()
+        self.as_user: dict[str, Any] = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+        self.root = Path(tempfile.mkdtemp(prefix=f"pg-{self.port}-"))
+        self.data = self.root / "data"
+        argv = [str(bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
+                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                "-c", "max_connections=200"]  # fmt: skip
+        super().__init__(f"postgres-{self.port}", argv, log_dir, {"LC_ALL": "C"})
+        self._initdb()
+
+    def _initdb(self) -> None:
+        if self.as_user:
+            shutil.chown(self.root, "postgres", "postgres")
+        argv = [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync",
+                "-E", "UTF8", "--locale=C"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, **self.as_user)
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self.stdout_path.open("ab"),
+            stderr=self.stderr_path.open("ab"),
+            env=self.env,
+            start_new_session=True,
+            **self.as_user,
+        )
+        try:
+            wait_until(self._accepts, timeout=30, what=self.name)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} did not start\n{self.logs()}") from None
+
+    def _accepts(self) -> bool:
+        import psycopg
+
+        if not self.alive:
+            raise RuntimeError(f"{self.name} exited\n{self.logs()}")
+        try:
+            with psycopg.connect(self._dsn("postgres"), connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> None:
+        """SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for every client to leave)."""
+        super().stop(sig, timeout)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def drop_database(self, name: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 class MockUpstream(Process):
     def __init__(self, name: str, log_dir: Path, *, api_key: str | None = None, **options: float) -> None:
         self.port = free_port()
@@ -183,6 +284,24 @@ def proxy_config(base: MockUpstream, finetuned: MockUpstream, **overrides: Any) 
     return config
 
 
+# Outcome metrics as the issue declares them; tests of feedback, the store and the report share them.
+OUTCOME_METRICS: dict[str, Any] = {
+    "task_completed": {"type": "boolean", "higher_is_better": True},
+    "csat": {"type": "float", "min": 1, "max": 5},
+    "escalated": {"type": "boolean", "higher_is_better": False},
+    "turns": {"type": "float", "higher_is_better": False},
+    "returned": {"type": "boolean", "level": "user"},
+}
+SIGNING_KEY = "test-signing-key"
+
+
+def outcomes_config(base: MockUpstream, finetuned: MockUpstream, **overrides: Any) -> dict[str, Any]:
+    """proxy_config with outcome metrics declared and events on the Redis Stream (feedback needs it)."""
+    config = proxy_config(base, finetuned, metrics=OUTCOME_METRICS, events={"redis_stream": {"enabled": True}})
+    config.update(overrides)
+    return config
+
+
 class ProxyServer(Process):
     def __init__(
         self,
@@ -197,7 +316,8 @@ class ProxyServer(Process):
         self.port = free_port()
         config_file = log_dir / f"proxy-{self.port}.yaml"
         config_file.write_text(yaml.safe_dump(config))
-        env = {"REDIS_URL": redis_url, "BASE_KEY": UPSTREAM_KEYS["base"], "FT_KEY": UPSTREAM_KEYS["finetuned"]}
+        env = {"REDIS_URL": redis_url, "BASE_KEY": UPSTREAM_KEYS["base"], "FT_KEY": UPSTREAM_KEYS["finetuned"],
+               "ABPROXY_SIGNING_KEY": SIGNING_KEY}  # fmt: skip
         if admin_token:
             env["ABPROXY_ADMIN_TOKEN"] = admin_token
         else:

@@ -862,13 +862,15 @@ class TestHeaders:
             assert response.headers["x-abproxy-experiment"] == EXPERIMENT
             assert response.headers["x-abproxy-variant"] == "control"
 
-    def test_client_request_id_is_kept(self, http: httpx.Client, proxy: ProxyServer) -> None:
-        """A well-formed X-Request-Id from the client is echoed and used in the event."""
+    @pytest.mark.parametrize("header", ["X-Client-Request-Id", "X-Request-Id"])
+    def test_client_request_id_is_recorded_not_used(self, http: httpx.Client, proxy: ProxyServer, header: str) -> None:
+        """The id of record is the proxy's own (feedback checks it); the client's id is kept for tracing."""
         rid = f"client-{uuid.uuid4().hex}"
-        response = http.post(f"{proxy.url}{CHAT}", json=_chat_body("r"), headers={"X-Request-Id": rid})
-        assert response.headers["x-request-id"] == rid
-        (event,) = _events(proxy, {rid})[rid]
-        assert event["status"] == 200
+        response = http.post(f"{proxy.url}{CHAT}", json=_chat_body("r"), headers={header: rid})
+        own = response.headers["x-request-id"]
+        assert own != rid and len(own) == 40
+        (event,) = _events(proxy, {own})[own]
+        assert event["status"] == 200 and event["client_request_id"] == rid
 
     def test_client_key_replaced_by_upstream_key(
         self,
