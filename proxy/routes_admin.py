@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,8 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from proxy.analysis.render import to_json
+from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
 from proxy.config import validate_percent
-from proxy.errors import AdminDisabled, AuthenticationFailed, NotFound, StateUnavailable
+from proxy.errors import AdminDisabled, AuthenticationFailed, InvalidRequest, NotFound, StateUnavailable
 from proxy.experiments import Arm, Experiment
 from proxy.metrics import exposition
 from proxy.rollout import AuditEntry, RolloutState
@@ -159,6 +162,27 @@ async def get_audit(
     _experiment(runtime, name)
     entries = await runtime.store.audit(name, limit)
     return {"experiment": name, "entries": [_audit_view(e) for e in entries]}
+
+
+@admin.get("/experiments/{name}/report")
+async def get_report(
+    request: Request, name: str, since: str | None = None, until: str | None = None
+) -> dict[str, Any]:
+    """The same report as `abproxy report NAME --format json`, from the analysis store."""
+    runtime = _runtime(request)
+    _experiment(runtime, name)
+    now = time.time()
+    try:
+        start, end = parse_bounds(since, until, now)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=str(exc).split(":")[0], code="invalid_time") from None
+    try:
+        report = await asyncio.to_thread(
+            report_from_store, runtime.store_engine(), runtime.settings, name, since=start, until=end, now=now
+        )
+    except StoreNotReady as exc:
+        raise StateUnavailable(str(exc), code="store_unavailable") from None
+    return to_json(report)
 
 
 ops = APIRouter()

@@ -12,6 +12,7 @@ import time
 from typing import BinaryIO
 
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 import structlog
 
 from proxy.background import cancel_and_wait
@@ -55,6 +56,15 @@ class Runtime:
             self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
         self._gauges: asyncio.Task[None] | None = None
+        self._store_engine: sa.Engine | None = None
+
+    def store_engine(self) -> sa.Engine:
+        """The analysis store, opened on first use: only the admin report reads it, never a request."""
+        if self._store_engine is None:
+            from proxy.store.db import engine_for
+
+            self._store_engine = engine_for(self.settings.store.url)
+        return self._store_engine
 
     def _event_sinks(self, stdout: BinaryIO | None) -> list[tuple[Sink, int]]:
         config = self.settings.events
@@ -110,4 +120,6 @@ class Runtime:
         await self.upstreams.stop()
         await self.events.stop()
         await self.redis.aclose()
+        if self._store_engine is not None:
+            self._store_engine.dispose()
         mark_process_dead(os.getpid())

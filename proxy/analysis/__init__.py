@@ -1,0 +1,1 @@
+"""Experiment analysis: pure functions from per-variant arrays to estimates, intervals and decisions."""
