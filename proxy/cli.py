@@ -1,4 +1,5 @@
-"""The `abproxy` command line: serve, assign, rollout, events, traffic, mock-upstream, demo."""
+"""The `abproxy` command line: serve, assign, rollout, events, collect, store, report, stats, traffic,
+mock-upstream, demo."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from proxy.config import ConfigError, Settings, config_path, load_settings
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from sqlalchemy import Engine
 
 # Piped output (scripts, CI logs) gets wide tables instead of truncated cells.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -286,6 +288,203 @@ def events_tail(config: str | None, experiment: str | None, variant: str | None,
         asyncio.run(follow(settings.redis_url, stream.key, show, lambda m: click.echo(m, err=True), last=last))
     except KeyboardInterrupt:
         pass
+
+
+# -- collect and store: the event stream into the durable store the analysis reads ----------
+_store_url = click.option(
+    "--store", "store_url", default=None, help="Store URL [env ABPROXY_STORE_URL, config store.url]."
+)
+
+
+def _store_engine(url: str) -> Engine:
+    from proxy.store.db import engine_for
+
+    try:
+        return engine_for(url)
+    except ValueError as exc:
+        _fail(f"config error: store.url: {exc}")
+
+
+def _migrate(engine: Engine) -> str | None:
+    """Upgrade the store to the newest revision; returns it."""
+    import logging
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.store.collector import error_line
+    from proxy.store.db import current_revision, migrate
+
+    # Alembic narrates each step in plain text; stderr carries JSON lines, and the revision
+    # reached is logged (or printed) once by the caller instead.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        migrate(engine)
+        return current_revision(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        shown = engine.url.render_as_string(hide_password=True)
+        _fail(f"cannot migrate the store at {shown}: {error_line(exc)}")
+
+
+@main.command()
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+@click.option("--consumer", default=None, help="This collector's name in the consumer group [hostname-pid].")
+@click.option("--once", is_flag=True, help="Store what the stream holds now, then exit.")
+@_store_url
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def collect(config: str | None, consumer: str | None, once: bool, store_url: str | None, log_level: str) -> None:
+    """Write the event stream's requests and feedback to the store, until SIGTERM (or drained, with --once)."""
+    import redis.asyncio as aioredis
+    import structlog
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.logs import configure_logging
+    from proxy.store.collector import Collector, default_consumer, error_line
+    from proxy.store.collector import collect as collect_events
+    from proxy.store.db import Store
+
+    _, settings = _settings(config, upstream_keys=False)
+    engine = _store_engine(store_url or settings.store.url)
+    configure_logging(log_level)
+    revision = _migrate(engine)
+    structlog.get_logger("abproxy").info(
+        "store_ready", store=engine.url.render_as_string(hide_password=True), revision=revision
+    )
+    options = settings.collector
+
+    async def run() -> None:
+        # The read timeout outlasts the longest blocking XREADGROUP.
+        client = aioredis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=options.block_ms / 1000 + 10
+        )
+        collector = Collector(
+            client, Store(engine), key=settings.events.redis_stream.key, group=options.group,
+            consumer=consumer or default_consumer(), batch_size=options.batch_size, block_ms=options.block_ms,
+            claim_idle_ms=options.claim_idle_ms,
+        )  # fmt: skip
+        try:
+            await collect_events(collector, once=once)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(run())
+    except (RedisError, OSError, SQLAlchemyError) as exc:  # only --once lets an error out
+        _fail(f"collect failed: {error_line(exc)}")
+    finally:
+        engine.dispose()
+
+
+@main.group("store")
+def store_group() -> None:
+    """The durable store that `abproxy collect` writes (store.url in the config)."""
+
+
+@store_group.command("migrate")
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+@_store_url
+def store_migrate(config: str | None, store_url: str | None) -> None:
+    """Create or upgrade the store's tables to the newest revision, and print it."""
+    if store_url is None:
+        store_url = _settings(config, upstream_keys=False)[1].store.url
+    # With --store, no config file is read: nothing else in it matters here.
+    engine = _store_engine(store_url)
+    revision = _migrate(engine)
+    engine.dispose()
+    click.echo(f"store {engine.url.render_as_string(hide_password=True)}: at revision {revision}")
+
+
+# -- analysis: the report, and planning ------------------------------------------------------
+@main.command()
+@click.argument("experiment")
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+@click.option("--since", default=None, help="Window start: 7d, 12h, an ISO date/time or unix seconds [first request].")
+@click.option("--until", default=None, help="Window end, same forms [now].")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "markdown", "json", "csv"]))
+@_store_url
+def report(
+    experiment: str, config: str | None, since: str | None, until: str | None, fmt: str, store_url: str | None
+) -> None:
+    """The experiment's outcomes, significance, sample-ratio check, power and verdict, from the store."""
+    import time
+
+    import orjson
+
+    from proxy.analysis.render import to_csv, to_json, to_markdown, to_table
+    from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
+
+    _, settings = _settings(config, upstream_keys=False)
+    if experiment not in settings.experiments:
+        _fail(f"no experiment named {experiment!r} (configured: {', '.join(sorted(settings.experiments))})")
+    now = time.time()
+    try:
+        start, end = parse_bounds(since, until, now)
+    except ValueError as exc:
+        _fail(f"--{exc}")
+    engine = _store_engine(store_url or settings.store.url)
+    try:
+        result = report_from_store(engine, settings, experiment, since=start, until=end, now=now)
+    except StoreNotReady as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    if fmt == "json":
+        click.echo(orjson.dumps(to_json(result), option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "markdown":
+        click.echo(to_markdown(result), nl=False)
+    elif fmt == "csv":
+        click.echo(to_csv(result), nl=False)
+    else:
+        to_table(result, console)
+
+
+@main.group("stats")
+def stats_group() -> None:
+    """Planning: how many users an experiment needs before it starts."""
+
+
+@stats_group.command("sample-size")
+@click.option("--baseline", type=float, default=None, help="Control's rate (0..1) for a rate metric.")
+@click.option("--sd", type=float, default=None, help="Per-user standard deviation, for a mean metric instead.")
+@click.option("--mde", type=float, required=True, help="Smallest absolute change worth detecting (0.05 = 5 points).")
+@click.option("--alpha", type=float, default=0.05, show_default=True)
+@click.option("--power", type=float, default=0.8, show_default=True)
+@click.option("--treatment-share", type=float, default=0.5, show_default=True,
+              help="Share of users in treatment (the rollout percent / 100).")
+@click.option("--users-per-day", type=float, default=None, help="Identified users per day, to estimate the duration.")
+def stats_sample_size(
+    baseline: float | None, sd: float | None, mde: float, alpha: float, power: float, treatment_share: float,
+    users_per_day: float | None,
+) -> None:
+    """Users needed per variant to detect --mde at --alpha with --power (two-sided)."""
+    import math
+
+    from proxy.analysis.stats import sample_size_means, sample_size_proportions
+
+    if (baseline is None) == (sd is None):
+        _fail("give --baseline (a rate metric) or --sd (a mean metric)")
+    if not 0 < treatment_share < 1:
+        _fail("--treatment-share must be between 0 and 1 (exclusive)")
+    ratio = treatment_share / (1 - treatment_share)
+    try:
+        if baseline is not None:
+            control = sample_size_proportions(baseline, mde, alpha=alpha, power=power, ratio=ratio)
+            what = f"a rate of {baseline:g} -> {baseline + mde:g}"
+        else:
+            assert sd is not None
+            control = sample_size_means(sd, mde, alpha=alpha, power=power, ratio=ratio)
+            what = f"a mean change of {mde:g} with sd {sd:g}"
+    except ValueError as exc:
+        _fail(str(exc))
+    treatment = math.ceil(control * ratio)
+    click.echo(f"to detect {what} at alpha {alpha:g} with power {power:.0%}:")
+    click.echo(f"  control   {control:>8,} users")
+    click.echo(f"  treatment {treatment:>8,} users")
+    click.echo(f"  total     {control + treatment:>8,} users")
+    if users_per_day:
+        click.echo(f"  about {math.ceil((control + treatment) / users_per_day)} day(s) at {users_per_day:g} users/day")
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,8 @@ def validate_percent(value: float) -> float:
     return round(value, 2)
 
 
+# Fits the store's feedback.metric column, and reads well in a report and a URL.
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Outcomes the proxy derives from its own events (never declared, never sent as feedback).
 IMPLICIT_METRICS = ("error", "empty_response", "regenerated", "turns_per_episode")
 # Guardrails over the proxy's own measurements, tested for non-inferiority.
@@ -261,6 +264,8 @@ class Settings(_Strict):
                 seen[alias] = name
             self._check_analysis(name, exp.analysis)
         for name in self.metrics:
+            if not METRIC_NAME.fullmatch(name):
+                raise _KeyProblem(f"metrics.{name}", "names are 1-64 letters, digits, '_', '-' or '.'")
             if name in IMPLICIT_METRICS or name in GUARDRAILS:
                 raise _KeyProblem(f"metrics.{name}", "is a name the proxy derives itself; choose another")
         if self.metrics and not self.events.redis_stream.enabled:

@@ -1,8 +1,11 @@
 """`abproxy demo`: the whole product on one machine, with no API key.
 
-Starts Redis (unless REDIS_URL is set), two mock upstreams and the proxy, then drives simulated
-users through the official openai client while ramping the rollout 10 % -> 50 % through the
-admin API, and prints a per-variant table built from the proxy's own event stream.
+Starts Redis (unless REDIS_URL is set), two mock upstreams, the proxy and the collector (into a
+SQLite store), then drives simulated users through the official openai client while ramping the
+rollout 10 % -> 50 % through the admin API. Each answer gets feedback through the same client,
+drawn from a known truth: the fine-tune completes more tasks (70 % -> 78 %), pleases more
+(CSAT 3.8 -> 4.1) and escalates less (28 % -> 21 %). It prints per-variant tables from the
+event stream, then the experiment report from the store, which should find that truth.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +38,18 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from proxy.analysis.render import to_table
+from proxy.analysis.service import report_from_store
 from proxy.assignment import bucket, choose_variant, threshold
+from proxy.config import load_settings
 
 EXPERIMENT = "sales-companion"
 SALT = "sales-v2"
+# The simulated truth the report should find: rates for booleans, the mean for CSAT.
+TRUTH: dict[str, dict[str, float]] = {
+    "control": {"task_completed": 0.70, "csat": 3.8, "escalated": 0.28},
+    "treatment": {"task_completed": 0.78, "csat": 4.1, "escalated": 0.21},
+}
 PROMPTS = [
     "Draft a follow-up email to a prospect who went quiet after the demo.",
     "Summarise this call: pricing objections, wants SSO, decision in Q3.",
@@ -89,6 +101,18 @@ class Stack:
             raise RuntimeError(f"{exc}\n{err}") from None
         return out
 
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A process with no port to wait for (the collector)."""
+        proc = subprocess.Popen(
+            argv,
+            stdout=(self.workdir / f"{name}.out").open("wb"),
+            stderr=(self.workdir / f"{name}.err").open("wb"),
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -100,9 +124,20 @@ class Stack:
                 proc.kill()
 
 
+@dataclass(frozen=True)
+class Running:
+    url: str
+    token: str
+    events: Path
+    redis_url: str
+    config: Path
+    store_url: str
+    collector: subprocess.Popen[bytes]
+
+
 @contextmanager
-def running_stack(console: Console) -> Iterator[tuple[str, str, Path]]:
-    """Yield (proxy url, admin token, event file) with everything running."""
+def running_stack(console: Console) -> Iterator[Running]:
+    """Everything started, and stopped on the way out."""
     with tempfile.TemporaryDirectory(prefix="abproxy-demo-") as tmp:
         workdir = Path(tmp)
         stack = Stack(workdir)
@@ -128,16 +163,27 @@ def running_stack(console: Console) -> Iterator[tuple[str, str, Path]]:
             config = workdir / "demo.yaml"
             config.write_text(yaml.safe_dump(_demo_config(ports["base"], ports["finetuned"])))
             token = secrets.token_urlsafe(24)
+            store_url = f"sqlite:///{workdir / 'store.db'}"
+            env = {
+                "REDIS_URL": redis_url, "ABPROXY_ADMIN_TOKEN": token, "ABPROXY_STORE_URL": store_url,
+                # Secrets as a deployment would set them: users hashed with a key, request ids signed.
+                "ABPROXY_USER_HASH_KEY": secrets.token_hex(16), "ABPROXY_SIGNING_KEY": secrets.token_hex(16),
+            }
             events = stack.start(
                 "proxy",
                 [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--host", "127.0.0.1",
                  "--port", str(ports["proxy"]), "--log-level", "warning"],
                 ports["proxy"],
-                env={"REDIS_URL": redis_url, "ABPROXY_ADMIN_TOKEN": token},
+                env=env,
+            )
+            collector = stack.spawn(
+                "collector", [sys.executable, "-m", "proxy", "collect", "--config", str(config), "--log-level",
+                              "warning"], env=env,
             )
             console.print(f"[dim]mock upstreams on :{ports['base']} and :{ports['finetuned']}, "
-                          f"proxy on http://127.0.0.1:{ports['proxy']}[/]")
-            yield f"http://127.0.0.1:{ports['proxy']}", token, events
+                          f"proxy on http://127.0.0.1:{ports['proxy']}, collector into {store_url}[/]")
+            yield Running(f"http://127.0.0.1:{ports['proxy']}", token, events, redis_url, config, store_url,
+                          collector)
         finally:
             stack.stop()
 
@@ -155,9 +201,24 @@ def _demo_config(base_port: int, ft_port: int) -> dict[str, Any]:
                           "pricing": {"input_per_1m": 0.30, "output_per_1m": 1.20}},
         },
         "experiments": {
-            EXPERIMENT: {"aliases": [EXPERIMENT, "gpt-4o-mini"], "control": "base", "treatment": "finetuned",
-                         "salt": SALT, "rollout_percent": 0},
+            EXPERIMENT: {
+                "aliases": [EXPERIMENT, "gpt-4o-mini"], "control": "base", "treatment": "finetuned",
+                "salt": SALT, "rollout_percent": 0,
+                "analysis": {
+                    "primary_metric": "task_completed", "secondary_metrics": ["csat", "escalated"],
+                    "mde": 0.05, "planned_users_per_variant": 800,
+                    # The fine-tune costs twice as much per token: the team accepts up to 2.5x per query.
+                    "guardrails": {"error_rate": {"max_regression": 0.01}, "latency_p95": {"max_ratio": 1.2},
+                                   "cost_per_query": {"max_ratio": 2.5}},
+                },
+            },
         },
+        "metrics": {
+            "task_completed": {"type": "boolean", "higher_is_better": True},
+            "csat": {"type": "float", "min": 1, "max": 5},
+            "escalated": {"type": "boolean", "higher_is_better": False},
+        },
+        "events": {"redis_stream": {"enabled": True}},
     }
 
 
@@ -168,8 +229,9 @@ async def _drive(
     concurrency: int,
     progress: Progress,
     label: str,
+    feedback: bool,
 ) -> dict[str, str]:
-    """Send requests for every user; return the variant each user was served."""
+    """Send requests for every user (and their outcomes); return the variant each user was served."""
     seen: dict[str, str] = {}
     jobs = [(user, i) for user in users for i in range(requests_per_user)]
     random.shuffle(jobs)
@@ -181,7 +243,9 @@ async def _drive(
     async def worker() -> None:
         while not queue.empty():
             user, i = queue.get_nowait()
-            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": random.choice(PROMPTS)}]
+            # Numbered, so no two requests share a prompt: a repeat would count as a regeneration.
+            prompt = f"{random.choice(PROMPTS)} (ticket {user}-{i}-{label})"
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
             headers = {"X-User-Id": user, "X-Episode-Id": f"{user}-conv"}
             if i % 3 == 0:  # a third of the traffic streams, as chat UIs do
                 chunks = await client.chat.completions.create(
@@ -190,16 +254,33 @@ async def _drive(
                 async for _ in chunks:
                     pass
                 variant = chunks.response.headers["x-abproxy-variant"]
+                request_id = chunks.response.headers["x-request-id"]
             else:
                 answered = await client.chat.completions.with_raw_response.create(
                     model=EXPERIMENT, messages=messages, extra_headers=headers
                 )
                 variant = answered.headers["x-abproxy-variant"]
+                request_id = answered.headers["x-request-id"]
             seen[user] = variant
+            if feedback:
+                await _give_feedback(client, request_id, variant)
             progress.advance(task)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return seen
+
+
+async def _give_feedback(client: openai.AsyncOpenAI, request_id: str, variant: str) -> None:
+    """What the app would post once it knows how the answer went, drawn from the variant's truth."""
+    truth = TRUTH[variant]
+    outcomes = {
+        "task_completed": random.random() < truth["task_completed"],
+        "csat": min(5, max(1, round(random.gauss(truth["csat"], 0.9)))),
+        "escalated": random.random() < truth["escalated"],
+    }
+    for metric, value in outcomes.items():
+        await client.post("/feedback", body={"request_id": request_id, "metric": metric, "value": value},
+                          cast_to=httpx.Response)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -261,20 +342,53 @@ async def _ramp(
                 response.raise_for_status()
                 marks.append(time.time())
                 label = f"rollout {percent:>3}%"
-                served[percent] = await _drive(client, user_ids, requests_per_user, concurrency, progress, label)
+                # Outcomes are reported in the beta phase, the one the report analyses.
+                served[percent] = await _drive(
+                    client, user_ids, requests_per_user, concurrency, progress, label, feedback=percent == 50
+                )
         await client.close()
         audit = (await admin.get(f"/admin/experiments/{EXPERIMENT}/audit")).json()["entries"]
     return served, marks, audit
 
 
+def _wait_collected(running: Running, timeout_s: float = 60.0) -> None:
+    """Until the collector's group has read and acknowledged everything on the stream."""
+    import redis
+
+    client = redis.Redis.from_url(running.redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if running.collector.poll() is not None:
+                raise RuntimeError(f"the collector exited with code {running.collector.returncode}")
+            groups: Any = client.xinfo_groups("abproxy:events")
+            if groups and groups[0]["lag"] == 0 and groups[0]["pending"] == 0:
+                return
+            time.sleep(0.2)
+    finally:
+        client.close()
+    raise RuntimeError("the collector did not catch up within {timeout_s:.0f}s")
+
+
 def run_demo(users: int = 2000, requests_per_user: int = 2, concurrency: int = 32) -> None:
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 150))
     console.rule("llm-ab-proxy demo")
     user_ids = [f"user-{i:05d}" for i in range(users)]
-    with running_stack(console) as (url, token, event_file):
-        served, marks, audit = asyncio.run(_ramp(url, token, user_ids, requests_per_user, concurrency, console))
+    with running_stack(console) as running:
+        served, marks, audit = asyncio.run(
+            _ramp(running.url, running.token, user_ids, requests_per_user, concurrency, console)
+        )
         time.sleep(0.3)  # the proxy flushes events every 100 ms
-        events = _read_events(event_file)
+        events = _read_events(running.events)
+        _wait_collected(running)
+        settings = load_settings(running.config, {**os.environ, "ABPROXY_STORE_URL": running.store_url},
+                                 upstream_keys=False)
+        from proxy.store.db import engine_for
+
+        engine = engine_for(running.store_url)
+        # The beta phase alone: one constant split, every user first seen at 50 %.
+        report = report_from_store(engine, settings, EXPERIMENT, since=marks[1], until=None, now=time.time())
+        engine.dispose()
 
     _report(console, [e for e in events if e["ts"] < marks[1]], "rollout 10 % (canary)")
     _report(console, [e for e in events if e["ts"] >= marks[1]], "rollout 50 % (beta)")
@@ -286,3 +400,9 @@ def run_demo(users: int = 2000, requests_per_user: int = 2, concurrency: int = 3
     steps = ", ".join(f"{e['from']:g}% -> {e['to']:g}% ({e['reason']})" for e in reversed(audit))
     console.print(f"audit trail: {steps}")
     console.print(f"[dim]{len(events)} events read from the proxy's event stream[/]")
+    console.rule("experiment report (beta phase, from the store)")
+    to_table(report, console)
+    truth = ", ".join(
+        f"{metric} {TRUTH['control'][metric]:g} -> {TRUTH['treatment'][metric]:g}" for metric in TRUTH["control"]
+    )
+    console.print(f"[dim]simulated truth: {truth}[/]")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.harness import UPSTREAM_KEYS, MockUpstream, ProxyServer, RedisServer, proxy_config
+from tests.harness import UPSTREAM_KEYS, MockUpstream, PostgresServer, ProxyServer, RedisServer, proxy_config
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,32 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server(session_dir: Path) -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster; tests take a fresh database or schema of it."""
+    server = PostgresServer(session_dir)
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store on each back-end: a SQLite file, or a new PostgreSQL schema.
+
+    A schema (the URL sets search_path to it) costs a few ms; a new database costs ~0.2 s.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    # Looked up here, so a run of the SQLite cases alone never starts PostgreSQL.
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = server.create_schema(name)
+    yield url
+    server.drop_schema(name)
 
 
 @pytest.fixture(scope="session")

@@ -398,3 +398,91 @@ class TestMetricsAndEventSettings:
         lines = result.stderr.splitlines()
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("config error: server.metrics_port: ")
+
+
+def _with_outcomes(raw: dict[str, Any]) -> dict[str, Any]:
+    raw["metrics"] = {"task_completed": {"type": "boolean"}, "csat": {"type": "float", "min": 1, "max": 5}}
+    raw["events"] = {"redis_stream": {"enabled": True}}
+    return raw
+
+
+class TestAnalysisKeys:
+    """Outcome metrics, the per-experiment analysis plan, the store and feedback: issue 5's keys."""
+
+    def test_defaults(self) -> None:
+        settings = load_settings(LOCAL, {})
+        assert settings.metrics == {} and settings.store.url == "sqlite:///abproxy.db"
+        analysis = settings.experiments["sales-companion"].analysis
+        assert analysis.primary_metric is None and analysis.alpha == 0.05 and not analysis.store_prompts
+        assert set(analysis.guardrails) == {"error_rate", "latency_p95", "cost_per_query"}
+        assert settings.feedback.ttl_s == 7 * 24 * 3600 and settings.collector.group == "abproxy-collector"
+
+    def test_a_full_plan_loads(self) -> None:
+        raw = _with_outcomes(_local())
+        _experiment(raw)["analysis"] = {
+            "primary_metric": "task_completed", "secondary_metrics": ["csat", "regenerated"], "mde": 0.05,
+            "planned_users_per_variant": 1200, "guardrails": {"ttft_p95": {"max_ratio": 1.1}},
+            "success_metric": "task_completed", "store_prompts": True,
+        }
+        analysis = settings_from_dict(raw, {}).experiments["sales-companion"].analysis
+        assert analysis.secondary_metrics == ["csat", "regenerated"] and analysis.store_prompts
+        assert analysis.guardrails["ttft_p95"].max_ratio == 1.1
+
+    def test_store_url_and_signing_key_from_the_environment(self) -> None:
+        env = {"ABPROXY_STORE_URL": "postgresql://u@db/abproxy", "ABPROXY_SIGNING_KEY": "s3cret"}
+        settings = settings_from_dict(_local(), env)
+        assert settings.store.url == "postgresql://u@db/abproxy" and settings.signing_key == "s3cret"
+        assert "s3cret" not in repr(settings) and "s3cret" not in settings.model_dump_json()
+
+    @pytest.mark.parametrize(
+        ("mutate", "key", "problem"),
+        [
+            pytest.param(lambda r: r.pop("events"), "events.redis_stream.enabled", "must be true",
+                         id="metrics-without-stream"),
+            pytest.param(lambda r: r["metrics"].update(nps={"type": "integer"}), "metrics.nps.type",
+                         "'boolean' or 'float'", id="unknown-type"),
+            pytest.param(lambda r: r["metrics"].update(ok={"type": "boolean", "max": 1}), "metrics.ok",
+                         "float metrics only", id="range-on-boolean"),
+            pytest.param(lambda r: r["metrics"].update(x={"type": "float", "min": 5, "max": 1}), "metrics.x",
+                         "above max", id="min-above-max"),
+            pytest.param(lambda r: r["metrics"].update(error={"type": "boolean"}), "metrics.error",
+                         "derives itself", id="reserved-name"),
+            pytest.param(lambda r: r["metrics"].update({"a b": {"type": "boolean"}}), "metrics.a b",
+                         "names are", id="bad-name"),
+            pytest.param(lambda r: r["metrics"].update(ok={"type": "boolean", "level": "session"}),
+                         "metrics.ok.level", "'request' or 'user'", id="bad-level"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"primary_metric": "nps"}),
+                         "experiments.sales-companion.analysis.primary_metric", "unknown metric 'nps'",
+                         id="unknown-primary"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"secondary_metrics": ["csat", "nps"]}),
+                         "experiments.sales-companion.analysis.secondary_metrics.1", "unknown metric 'nps'",
+                         id="unknown-secondary"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"primary_metric": "csat",
+                                                                   "secondary_metrics": ["csat"]}),
+                         "experiments.sales-companion.analysis.secondary_metrics", "already the primary",
+                         id="primary-also-secondary"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"success_metric": "csat"}),
+                         "experiments.sales-companion.analysis.success_metric", "must be a boolean",
+                         id="float-success-metric"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"guardrails": {"latency_p42": {"max_ratio": 2}}}),
+                         "experiments.sales-companion.analysis.guardrails.latency_p42", "unknown guardrail",
+                         id="unknown-guardrail"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"guardrails": {"error_rate": {}}}),
+                         "experiments.sales-companion.analysis.guardrails.error_rate", "exactly one",
+                         id="guardrail-without-margin"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"guardrails": {"error_rate": {
+                "max_ratio": 1.2, "max_regression": 0.01}}}),
+                         "experiments.sales-companion.analysis.guardrails.error_rate", "exactly one",
+                         id="guardrail-two-margins"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"alpha": 0.7}),
+                         "experiments.sales-companion.analysis.alpha", "less than 0.5", id="alpha"),
+            pytest.param(lambda r: _experiment(r).update(analysis={"mde": 0}),
+                         "experiments.sales-companion.analysis.mde", "greater than 0", id="mde"),
+            pytest.param(lambda r: r.update(store={"url": "mysql://db/x"}), "store.url", "sqlite:/// or postgresql",
+                         id="store-url"),
+            pytest.param(lambda r: r.update(feedback={"ttl_s": 0}), "feedback.ttl_s", "greater than or equal to 1",
+                         id="feedback-ttl"),
+        ],
+    )
+    def test_one_line_naming_the_key(self, mutate: Mutation, key: str, problem: str) -> None:
+        _assert_names_key(lambda r: mutate(_with_outcomes(r)), key, problem)

@@ -16,6 +16,7 @@ them in either arm would mix the two treatments in one unit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,8 +78,9 @@ class Dataset:
     crossover_requests: int = 0
 
     @property
-    def days_observed(self) -> int:
-        return int(self.first_day.max()) + 1 if len(self.first_day) else 0
+    def looks(self) -> int:
+        """Daily looks over the window, the last one at its end: every observation is in one."""
+        return max(math.ceil(self.window.days), 1)
 
 
 def _day(conn: Connection, ts: Any, since: float) -> Any:

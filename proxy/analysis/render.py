@@ -130,8 +130,9 @@ def _header_lines(report: Report) -> list[str]:
                      "fixed-horizon p-values stay hidden")
     if report.cost_per_success is not None:
         cps = report.cost_per_success
-        lines.append(f"{cps.label}: control ${_num(cps.control.value)}, treatment ${_num(cps.treatment.value)} "
-                     f"({_pct(cps.lift)} {_interval(cps.lift_ci)})")
+        # Per thousand: a task costs fractions of a cent, unreadable as $1.6e-05.
+        lines.append(f"{cps.label}, per 1,000: control ${_num(1000 * cps.control.value)}, treatment "
+                     f"${_num(1000 * cps.treatment.value)} ({_pct(cps.lift)} {_interval(cps.lift_ci)})")
     return lines
 
 

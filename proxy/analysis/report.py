@@ -259,7 +259,7 @@ def _sequential(
     """mSPRT over cumulative daily looks: what a team that looked every day was entitled to see."""
     looks: list[tuple[float, float]] = []
     n_users = len(data.users)
-    for day in range(data.days_observed):
+    for day in range(data.looks):
         num, den = _per_user(obs, n_users, day)
         comparison = compare(num, den, data.treatment)  # users not yet seen by `day` have den 0
         if comparison is not None and math.isfinite(comparison.se):
@@ -368,12 +368,13 @@ def _cost_per_success(
     if metric is None:
         return None
     n_users = len(data.users)
-    cost, _ = _per_user(data.requests.get("cost_per_query", Observations.empty()), n_users)
+    cost, requests_made = _per_user(data.requests.get("cost_per_query", Observations.empty()), n_users)
     successes, _ = _per_user(_observations_of(data, metric, declared), n_users)
-    compare = _comparator("request", "mean", analysis.alpha)
-    final = compare(cost, successes, data.treatment)
-    if final is None:
+    # Every user who made a request counts, those with no success too: they cost without succeeding.
+    c, t = (requests_made > 0) & ~data.treatment, (requests_made > 0) & data.treatment
+    if c.sum() < MIN_UNITS or t.sum() < MIN_UNITS or successes[c].sum() == 0 or successes[t].sum() == 0:
         return None
+    final = stats.ratio_delta(cost[c], successes[c], cost[t], successes[t], alpha=analysis.alpha)
     return MetricResult(
         name="cost_per_success", label=f"cost per {metric.replace('_', ' ')}", role="implicit", kind="mean",
         level="request", higher_is_better=False,
