@@ -1,4 +1,4 @@
-"""`abproxy events tail`: follow the event stream in Redis, one readable line per request."""
+"""`abproxy events tail`: follow the event stream in Redis, one readable line per request or feedback."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from proxy.event_stream import StreamEvent, tail
 
 
 def matches(event: dict[str, Any], experiment: str | None, variant: str | None) -> bool:
+    """Feedback names its request, not the experiment or variant: shown only when unfiltered."""
     return (experiment is None or event.get("experiment") == experiment) and (
         variant is None or event.get("variant") == variant
     )
@@ -21,6 +22,10 @@ def matches(event: dict[str, Any], experiment: str | None, variant: str | None) 
 def format_line(event: dict[str, Any]) -> str:
     """`time experiment variant model endpoint status latency ttft tokens cost finish request-id`."""
     time_ = str(event.get("time") or event.get("ts", ""))
+    if event.get("kind") == "feedback":
+        about = f"req={event.get('request_id')}" if event.get("level") == "request" else \
+            f"user={event.get('user_hash')}" + (f" in {event['experiment']}" if event.get("experiment") else "")
+        return f"{time_}  feedback  {event.get('metric')}={event.get('value')}  {about}"
     if event.get("experiment") is None:
         return f"{time_}  rejected  {event.get('path', '?')}  {event.get('status')}  {event.get('error')}  " \
                f"req={event.get('request_id')}"

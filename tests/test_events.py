@@ -367,6 +367,15 @@ class TestTailFormat:
                             "request_id": "r"})
         assert "rejected" in line and "invalid_json" in line
 
+    def test_feedback_lines(self) -> None:
+        """Feedback shows its metric, value and what it is about (a request, or a user's hash)."""
+        request = format_line({"kind": "feedback", "time": "t", "level": "request", "metric": "csat", "value": 4.0,
+                               "request_id": "r1", "user_hash": None, "experiment": None})
+        assert "feedback" in request and "csat=4.0" in request and "req=r1" in request
+        user = format_line({"kind": "feedback", "time": "t", "level": "user", "metric": "returned", "value": 1.0,
+                            "request_id": None, "user_hash": "ab12", "experiment": "e"})
+        assert "returned=1.0" in user and "user=ab12 in e" in user
+
     def test_filters(self) -> None:
         """--experiment and --variant filters match exactly, and None matches all."""
         event = {"experiment": "e", "variant": "control"}
