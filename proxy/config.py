@@ -246,6 +246,11 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
+        for name in self.metrics:
+            if not METRIC_NAME.fullmatch(name):
+                raise _KeyProblem(f"metrics.{name}", "names are 1-64 letters, digits, '_', '-' or '.'")
+            if name in IMPLICIT_METRICS or name in GUARDRAILS:
+                raise _KeyProblem(f"metrics.{name}", "is a name the proxy derives itself; choose another")
         for name, model in self.models.items():
             if model.upstream not in self.upstreams:
                 raise _KeyProblem(f"models.{name}.upstream", f"unknown upstream {model.upstream!r}")
@@ -263,11 +268,6 @@ class Settings(_Strict):
                     )
                 seen[alias] = name
             self._check_analysis(name, exp.analysis)
-        for name in self.metrics:
-            if not METRIC_NAME.fullmatch(name):
-                raise _KeyProblem(f"metrics.{name}", "names are 1-64 letters, digits, '_', '-' or '.'")
-            if name in IMPLICIT_METRICS or name in GUARDRAILS:
-                raise _KeyProblem(f"metrics.{name}", "is a name the proxy derives itself; choose another")
         if self.metrics and not self.events.redis_stream.enabled:
             raise _KeyProblem(
                 "events.redis_stream.enabled", "must be true when metrics are declared (feedback travels on the stream)"

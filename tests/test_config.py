@@ -334,7 +334,7 @@ class TestEnvironment:
 class TestMetricsAndEventSettings:
     def test_defaults(self) -> None:
         """No metrics_port (metrics on the serving port); the Redis Stream sink off, key abproxy:events."""
-        settings = load_settings(LOCAL, {})
+        settings = load_settings(EXAMPLE, EXAMPLE_ENV)
         assert settings.server.metrics_port is None
         stream = settings.events.redis_stream
         assert stream.enabled is False
@@ -403,6 +403,7 @@ class TestMetricsAndEventSettings:
 def _with_outcomes(raw: dict[str, Any]) -> dict[str, Any]:
     raw["metrics"] = {"task_completed": {"type": "boolean"}, "csat": {"type": "float", "min": 1, "max": 5}}
     raw["events"] = {"redis_stream": {"enabled": True}}
+    _experiment(raw).pop("analysis", None)
     return raw
 
 
@@ -410,10 +411,11 @@ class TestAnalysisKeys:
     """Outcome metrics, the per-experiment analysis plan, the store and feedback: issue 5's keys."""
 
     def test_defaults(self) -> None:
-        settings = load_settings(LOCAL, {})
+        settings = load_settings(EXAMPLE, EXAMPLE_ENV)
         assert settings.metrics == {} and settings.store.url == "sqlite:///abproxy.db"
         analysis = settings.experiments["sales-companion"].analysis
         assert analysis.primary_metric is None and analysis.alpha == 0.05 and not analysis.store_prompts
+        assert load_settings(LOCAL, {}).experiments["sales-companion"].analysis.primary_metric == "task_completed"
         assert set(analysis.guardrails) == {"error_rate", "latency_p95", "cost_per_query"}
         assert settings.feedback.ttl_s == 7 * 24 * 3600 and settings.collector.group == "abproxy-collector"
 
