@@ -11,7 +11,7 @@ changes meaning or disappears; new fields may appear within a version.
 
 Readers:
     tail()             XREAD from the end: `abproxy events tail`, reads without consuming
-    ConsumerGroupReader XREADGROUP/XACK/XAUTOCLAIM: the durable consumers (the analysis store)
+    ConsumerGroupReader XREADGROUP/XACK/XAUTOCLAIM: the durable consumers (`abproxy collect`)
 """
 
 from __future__ import annotations
@@ -88,11 +88,16 @@ async def tail(
         entries = [entry for _stream, stream_entries in reply for entry in stream_entries]
 
 
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+
+
 class ConsumerGroupReader:
     """At-least-once delivery to a named group: read, process, then ack.
 
-    A consumer that died holding entries leaves them pending; `claim_stale` hands them to a
-    live consumer after `min_idle_ms`, so nothing is lost and nothing waits forever.
+    Entries come back raw, for the caller to decode one by one with `decode_entry`: a malformed
+    entry is then one error to handle (log and ack it), never a whole batch that cannot be read.
+    A consumer that died holding entries leaves them pending; `claim` hands them to a live
+    consumer after `min_idle_ms`, so nothing is lost and nothing waits forever.
     """
 
     def __init__(self, redis: aioredis.Redis, group: str, consumer: str, key: str = DEFAULT_KEY) -> None:
@@ -106,21 +111,26 @@ class ConsumerGroupReader:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, *, count: int = 500, block_ms: int | None = None) -> list[StreamEvent]:
+    async def read(self, *, cursor: str = ">", count: int = 500, block_ms: int | None = None) -> list[RawEntry]:
+        """New entries (cursor ">"), or this consumer's own pending ones from `cursor` (e.g. "0")."""
         reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.key: ">"}, count=count, block=block_ms
+            self.group, self.consumer, {self.key: cursor}, count=count, block=block_ms
         )
-        return [decode_entry(eid, fields) for _stream, entries in reply or [] for eid, fields in entries]
+        return [(eid, fields) for _stream, entries in reply or [] for eid, fields in entries]
 
     async def ack(self, entry_ids: list[str]) -> int:
         if not entry_ids:
             return 0
         return int(await self.redis.xack(self.key, self.group, *entry_ids))
 
-    async def claim_stale(self, *, min_idle_ms: int, count: int = 500) -> list[StreamEvent]:
+    async def claim(self, *, min_idle_ms: int, start_id: str = "0", count: int = 500) -> tuple[str, list[RawEntry]]:
+        """Entries other consumers left idle: (the cursor to continue from, the entries).
+
+        Entries trimmed by MAXLEN while pending come back with no fields: nothing left to process
+        but the ack.
+        """
         reply: Any = await self.redis.xautoclaim(
-            self.key, self.group, self.consumer, min_idle_time=min_idle_ms, start_id="0", count=count
+            self.key, self.group, self.consumer, min_idle_time=min_idle_ms, start_id=start_id, count=count
         )
-        entries = reply[1]
-        # Entries trimmed by MAXLEN while pending come back as None: nothing left to process.
-        return [decode_entry(eid, fields) for eid, fields in entries if fields]
+        cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        return cursor, [(eid, fields) for eid, fields in reply[1]]

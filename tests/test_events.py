@@ -294,11 +294,13 @@ class TestConsumerGroup:
         await reader.ensure_group()
         await reader.ensure_group()  # idempotent
         await self._add(client, 5)
-        first = await reader.read(count=3)
-        second = await reader.read(count=10)
+        first = [decode_entry(*entry) for entry in await reader.read(count=3)]
+        second = [decode_entry(*entry) for entry in await reader.read(count=10)]
         assert [e.request_id for e in first + second] == [f"req-{i}" for i in range(5)]
         assert await reader.read(count=10) == []
         await reader.ack([e.entry_id for e in first])
+        own = await reader.read(cursor="0")  # this consumer's pending entries, for a restart
+        assert [decode_entry(*entry).request_id for entry in own] == ["req-3", "req-4"]
         pending = await client.xpending(STREAM_KEY, "analysis")
         assert pending["pending"] == 2
         await client.aclose()
@@ -311,8 +313,8 @@ class TestConsumerGroup:
         await self._add(client, 3)
         assert len(await dead.read()) == 3
         live = ConsumerGroupReader(client, "analysis", "live")
-        claimed = await live.claim_stale(min_idle_ms=0)
-        assert sorted(e.request_id for e in claimed) == ["req-0", "req-1", "req-2"]
+        _cursor, claimed = await live.claim(min_idle_ms=0)
+        assert sorted(decode_entry(*entry).request_id for entry in claimed) == ["req-0", "req-1", "req-2"]
         await client.aclose()
 
     async def test_group_created_on_existing_stream_reads_history(self, redis_url: str) -> None:

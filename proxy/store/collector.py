@@ -38,13 +38,12 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
-from proxy.event_stream import SCHEMA_VERSION, ConsumerGroupReader, decode_entry
+from proxy.event_stream import SCHEMA_VERSION, ConsumerGroupReader, RawEntry, decode_entry
 from proxy.store.db import Store, WriteResult, check_event
 
 log = structlog.get_logger("abproxy")
 
 # (entry id, fields) as redis-py returns them from a client without decode_responses
-RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 MAX_BACKOFF_S = 5.0
 MAX_CLAIM_PAUSE_S = 5.0
@@ -163,21 +162,12 @@ class Collector:
             raise
 
     async def _read(self, cursor: str, block_ms: int | None) -> list[RawEntry]:
-        # Raw entries, decoded one by one below: ConsumerGroupReader.read decodes a whole reply
-        # and raises on its first malformed entry, which would leave that entry blocking the batch.
-        reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.key: cursor}, count=self.batch_size, block=block_ms
-        )
-        return [(eid, fields) for _stream, entries in reply or [] for eid, fields in entries]
+        return await self.reader.read(cursor=cursor, count=self.batch_size, block_ms=block_ms)
 
     async def _claim(self) -> list[RawEntry]:
-        reply: Any = await self.redis.xautoclaim(
-            self.key, self.group, self.consumer,
-            min_idle_time=self.claim_idle_ms, start_id=self._claim_cursor, count=self.batch_size,
-        )  # fmt: skip
-        # Entries deleted while pending (reply[2]) were dropped from the pending list by Redis.
-        cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        claimed: list[RawEntry] = [(eid, fields) for eid, fields in reply[1]]
+        cursor, claimed = await self.reader.claim(
+            min_idle_ms=self.claim_idle_ms, start_id=self._claim_cursor, count=self.batch_size
+        )
         self._claim_cursor = cursor
         if cursor == "0-0" and not claimed:
             self._next_claim = time.monotonic() + self._claim_pause_s
