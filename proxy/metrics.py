@@ -95,6 +95,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.feedback = Counter(
+            "abproxy_feedback",
+            "Feedback accepted by POST /v1/feedback (refused feedback counts as rejected requests).",
+            ["metric"],
+            registry=r,
+        )
         # Every worker follows the same pub/sub channel: the most recent write is the live value.
         self.rollout_percent = Gauge(
             "abproxy_rollout_percent", "Live percent of users in treatment.", ["experiment"],

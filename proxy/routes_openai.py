@@ -253,6 +253,7 @@ class OpenAIHandler:
             self.metrics.rejected.labels(str(exc.status_code)).inc()
             await _send_error(send, exc, request_id, ())
             return
+        self.metrics.feedback.labels(event["metric"]).inc()
         await _send_json(send, 202, accepted_body(event), request_id)
 
     # -- recording -------------------------------------------------------------------------

@@ -80,6 +80,19 @@ class TestAccepted:
         assert event["metric"] == "task_completed" and event["value"] == 1.0 and event["level"] == "request"
         assert event["schema_version"] == 1 and event["feedback_id"] == body["id"]
 
+    def test_counted_per_metric(self, client: openai.OpenAI, proxy: ProxyServer, stream: redis.Redis) -> None:
+        def accepted() -> float:
+            for line in proxy.metrics_text().splitlines():
+                if line.startswith('abproxy_feedback_total{metric="escalated"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        before = accepted()
+        request_id = _ask(client)
+        httpx.post(f"{proxy.url}/v1/feedback", json={"request_id": request_id, "metric": "escalated", "value": False})
+        httpx.post(f"{proxy.url}/v1/feedback", json={"request_id": request_id, "metric": "escalated", "value": 3})
+        assert accepted() == before + 1  # the refused one is not counted here
+
     def test_float_metric_and_episode(self, client: openai.OpenAI, proxy: ProxyServer, stream: redis.Redis) -> None:
         request_id = _ask(client)
         reply = httpx.post(
