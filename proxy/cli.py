@@ -498,11 +498,14 @@ def stats_sample_size(
 @click.option("--ramp-every", default=120.0, show_default=True, help="Seconds between ramp steps.")
 @click.option("--admin-url", default=None, help="Proxy URL for the admin API [the --base-url host].")
 @click.option("--experiment", default=None, help="Experiment to ramp [--model].")
+@click.option("--feedback", is_flag=True,
+              help="After each answer, post simulated outcomes to /v1/feedback (task_completed, csat, escalated), "
+                   "the treatment truly better (proxy/traffic.py TRUTH).")
 def traffic(
     base_url: str, model: str, rps: float, users: int, stream_share: float, duration: float,
-    ramp: str, ramp_every: float, admin_url: str | None, experiment: str | None,
+    ramp: str, ramp_every: float, admin_url: str | None, experiment: str | None, feedback: bool,
 ) -> None:
-    """Send simulated users' requests at a steady rate (and optionally ramp the rollout)."""
+    """Send simulated users' requests at a steady rate (and optionally ramp the rollout, and report outcomes)."""
     from proxy.traffic import TrafficPlan, run_traffic
 
     if rps <= 0 or users < 1 or not 0 <= stream_share <= 1:
@@ -517,13 +520,13 @@ def traffic(
     plan = TrafficPlan(
         base_url=base_url, model=model, rps=rps, users=users, stream_share=stream_share, duration_s=duration,
         ramp=percents, ramp_every_s=ramp_every, admin_url=admin_url or base_url.removesuffix("/v1"),
-        admin_token=token, experiment=experiment,
+        admin_token=token, experiment=experiment, feedback=feedback,
     )
     try:
         stats = asyncio.run(run_traffic(plan, lambda line: click.echo(line, err=True)))
     except KeyboardInterrupt:
         return
-    click.echo(f"sent {stats.sent}: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.by_outcome.items())))
+    click.echo(stats.summary())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from click import Context
 
 from proxy.cli import main as cli
 from proxy.config import Settings, load_settings, settings_from_dict
+from proxy.store.db import normalise_url
+from proxy.traffic import TRUTH
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -35,7 +37,8 @@ KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
 SCHEMAS = ROOT / "deploy" / "schemas"
 K8S_VERSION = "1.32.0"  # the oldest Kubernetes minor the manifests promise to work on
 SECRET_NAME = "abproxy-secrets"
-STACK = {"redis", "mock-base", "mock-finetuned", "proxy", "prometheus", "grafana", "traffic"}
+PROXY, COLLECTOR = "abproxy", "abproxy-collector"  # the Deployments' names
+STACK = {"redis", "mock-base", "mock-finetuned", "proxy", "prometheus", "grafana", "traffic", "postgres", "collector"}
 # What the image holds at /app/config (Dockerfile: WORKDIR /app, COPY config ./config).
 IMAGE_CONFIG_DIR = "/app/config/"
 
@@ -63,6 +66,25 @@ def _config_arg(args: list[str]) -> str:
     return args[args.index("--config") + 1]
 
 
+def _check_outcomes(settings: Settings) -> None:
+    """The shipped outcome metrics are the ones `abproxy traffic --feedback` posts, and the plan uses them."""
+    for name, simulated in TRUTH.items():
+        metric = settings.metrics.get(name)
+        assert metric is not None, f"metric {name} is not declared"
+        assert metric.level == "request"
+        if simulated.sd is None:
+            assert metric.type == "boolean"
+        else:
+            assert metric.type == "float" and metric.min == simulated.low and metric.max == simulated.high
+        # The simulated treatment is truly better: its truth moves in the declared direction.
+        assert (simulated.treatment > simulated.control) == metric.higher_is_better, name
+    analysis = settings.experiments["sales-companion"].analysis
+    assert analysis.primary_metric == "task_completed"
+    assert set(analysis.secondary_metrics) == {"csat", "escalated"}
+    assert analysis.mde == 0.05
+    assert settings.events.redis_stream.enabled
+
+
 # -- docker compose --------------------------------------------------------------------------
 @functools.cache
 def _compose() -> dict[str, Any]:
@@ -81,6 +103,18 @@ def _binds(service: dict[str, Any]) -> list[tuple[str, str]]:
         elif volume.get("type") == "bind":
             binds.append((volume["source"], volume["target"]))
     return binds
+
+
+def _interpolated(value: str) -> str:
+    """A compose value with each ${VAR:-default} replaced by its default, as with nothing set."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def _host_config(service: dict[str, Any]) -> Path:
+    """The repository file a compose service's --config names (the image copies config/ to /app/config)."""
+    path = _config_arg(service["command"])
+    assert path.startswith(IMAGE_CONFIG_DIR), f"{path} is not a file the image copies from config/"
+    return ROOT / "config" / path.removeprefix(IMAGE_CONFIG_DIR)
 
 
 def _host_path(service: dict[str, Any], container_path: str) -> Path | None:
@@ -119,18 +153,58 @@ class TestCompose:
         assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
 
     def test_proxy_config_loads(self) -> None:
-        """The config file the compose proxy runs with passes the proxy's own validation."""
-        path = _config_arg(_compose()["services"]["proxy"]["command"])
-        assert path.startswith(IMAGE_CONFIG_DIR), f"{path} is not a file the image copies from config/"
-        host_path = ROOT / "config" / path.removeprefix(IMAGE_CONFIG_DIR)
+        """The config file the compose proxy runs with passes the proxy's own validation, outcome metrics included."""
+        host_path = _host_config(_compose()["services"]["proxy"])
         settings = load_settings(host_path, _fake_env(yaml.safe_load(host_path.read_text())))
         assert settings.server.port == 8080
         assert settings.server.metrics_port == 9091  # deploy/prometheus/prometheus.yml scrapes proxy:9091
+        _check_outcomes(settings)
+
+    def test_collector_writes_to_postgres(self) -> None:
+        """The collector runs the proxy's config on Redis and PostgreSQL, started once both are healthy."""
+        services = _compose()["services"]
+        collector, postgres = services["collector"], services["postgres"]
+        assert collector["command"][0] == "collect"
+        assert _host_config(collector) == _host_config(services["proxy"])
+        assert collector["environment"]["REDIS_URL"] == services["proxy"]["environment"]["REDIS_URL"]
+        assert collector["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                           "postgres": {"condition": "service_healthy"}}
+        assert collector["restart"] == "unless-stopped"
+        # The image's HEALTHCHECK probes an HTTP port the collector does not open.
+        assert collector["healthcheck"] == {"disable": True}
+        assert postgres["image"].startswith("postgres:")
+        assert "pg_isready" in postgres["healthcheck"]["test"]
+        (volume,) = postgres["volumes"]
+        assert volume.split(":")[0] in _compose()["volumes"], "postgres data is not on a named volume"
+
+    def test_store_url_names_the_postgres_service(self) -> None:
+        """Collector and proxy share one store URL: the postgres service, its user, password and database."""
+        services = _compose()["services"]
+        db = {key: _interpolated(value) for key, value in services["postgres"]["environment"].items()}
+        url = services["collector"]["environment"]["ABPROXY_STORE_URL"]
+        assert services["proxy"]["environment"]["ABPROXY_STORE_URL"] == url
+        parsed = normalise_url(_interpolated(url))
+        assert parsed.drivername == "postgresql+psycopg"
+        assert (parsed.host, parsed.port) == ("postgres", 5432)
+        assert (parsed.username, parsed.password, parsed.database) == (
+            db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"])
+        # The config's own store.url (used without the variable) is the same URL.
+        config_url = load_settings(_host_config(services["proxy"]), {}, upstream_keys=False).store.url
+        assert normalise_url(config_url) == parsed
+
+    def test_proxy_signs_request_ids(self) -> None:
+        """The proxy has a signing key (feedback checks request ids by it) and the user hash key."""
+        env = _compose()["services"]["proxy"]["environment"]
+        assert _interpolated(env["ABPROXY_SIGNING_KEY"]) and _interpolated(env["ABPROXY_USER_HASH_KEY"])
+
+    def test_traffic_reports_outcomes(self) -> None:
+        """The traffic generator posts simulated feedback, so the stack's report has outcomes to analyse."""
+        assert "--feedback" in _compose()["services"]["traffic"]["command"]
 
     def test_abproxy_commands_parse(self) -> None:
         """Each service built from the image runs an abproxy command whose options the CLI accepts."""
         built = {name: s for name, s in _compose()["services"].items() if "build" in s}
-        assert set(built) >= {"proxy", "mock-base", "mock-finetuned", "traffic"}
+        assert set(built) >= {"proxy", "mock-base", "mock-finetuned", "traffic", "collector"}
         for name, service in built.items():
             command, *args = service["command"]
             assert command in cli.commands, f"{name}: abproxy has no command {command!r}"
@@ -148,6 +222,7 @@ class TestCompose:
                     assert check.get("test") and not check.get("disable"), f"{name} waits on {dep}'s health"
         assert services["proxy"]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services["traffic"]["depends_on"]["proxy"]["condition"] == "service_healthy"
+        assert services["collector"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
     def test_third_party_images_are_pinned(self) -> None:
         """Images pulled from a registry name an explicit tag, never latest."""
@@ -208,11 +283,28 @@ def _one(kind: str) -> dict[str, Any]:
     return docs[0]
 
 
-def _container() -> dict[str, Any]:
-    containers = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+def _deployment(name: str = PROXY) -> dict[str, Any]:
+    docs = [doc for doc in _rendered() if doc["kind"] == "Deployment" and doc["metadata"]["name"] == name]
+    assert len(docs) == 1, f"expected one Deployment {name}, rendered {len(docs)}"
+    return docs[0]
+
+
+def _pod(name: str = PROXY) -> dict[str, Any]:
+    pod: dict[str, Any] = _deployment(name)["spec"]["template"]["spec"]
+    return pod
+
+
+def _container(name: str = PROXY) -> dict[str, Any]:
+    containers = _pod(name)["containers"]
     assert len(containers) == 1
     container: dict[str, Any] = containers[0]
     return container
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, str]:
+    """{variable: key} of the container's env entries taken from abproxy-secrets."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container.get("env", [])
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
 
 
 def _port(container: dict[str, Any], ref: int | str) -> int:
@@ -251,10 +343,12 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 class TestKubernetes:
     def test_renders_the_expected_objects(self) -> None:
-        """kubectl kustomize renders exactly the proxy's objects, and no Secret."""
+        """kubectl kustomize renders exactly the proxy's and the collector's objects, and no Secret."""
         kinds = sorted(doc["kind"] for doc in _rendered())
-        assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                                "Service", "ServiceMonitor"])
+        assert kinds == sorted(["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
+                                "PodDisruptionBudget", "Service", "ServiceMonitor"])
+        deployments = {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Deployment"}
+        assert deployments == {PROXY, COLLECTOR}
 
     def test_builtin_kinds_validate_strictly(self) -> None:
         """Every built-in object validates against the Kubernetes schemas, unknown fields refused."""
@@ -295,62 +389,65 @@ class TestKubernetes:
         assert _port(container, readiness["port"]) == _port(container, liveness["port"]) == 8080
 
     def test_secrets_come_from_the_secret(self) -> None:
-        """REDIS_URL, the admin token, the hash key and every api_key_env come from abproxy-secrets."""
+        """REDIS_URL, the admin token, the hash and signing keys, the store URL and every api_key_env come
+        from abproxy-secrets."""
         container = _container()
-        from_secret = {e["name"] for e in container.get("env", [])
-                       if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
+        from_secret = set(_secret_env(container))
         whole_secret = any(src.get("secretRef", {}).get("name") == SECRET_NAME for src in container.get("envFrom", []))
         literal = {e["name"] for e in container.get("env", []) if "value" in e}
         raw = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])
-        needed = {"REDIS_URL", "ABPROXY_ADMIN_TOKEN", "ABPROXY_USER_HASH_KEY"}
+        needed = {"REDIS_URL", "ABPROXY_ADMIN_TOKEN", "ABPROXY_USER_HASH_KEY", "ABPROXY_SIGNING_KEY",
+                  "ABPROXY_STORE_URL"}
         needed |= {u["api_key_env"] for u in raw["upstreams"].values() if u.get("api_key_env")}
         assert not needed & literal, f"secrets given as literal values: {needed & literal}"
         assert whole_secret or needed <= from_secret, f"not taken from {SECRET_NAME}: {needed - from_secret}"
 
     def test_secret_example_matches_the_deployment(self) -> None:
-        """secret.example.yaml is a valid Secret holding every key the Deployment reads, and is not applied."""
+        """secret.example.yaml is a valid Secret holding every key the Deployments read, and is not applied."""
         kustomization = yaml.safe_load((KUSTOMIZE_DIR / "kustomization.yaml").read_text())
         assert "secret.example.yaml" not in kustomization["resources"]
         secret = yaml.safe_load((KUSTOMIZE_DIR / "secret.example.yaml").read_text())
         kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
         assert secret["metadata"]["name"] == SECRET_NAME
-        read = {e["valueFrom"]["secretKeyRef"]["key"] for e in _container().get("env", [])
-                if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
+        read = {key for name in (PROXY, COLLECTOR) for key in _secret_env(_container(name)).values()}
         assert read <= set(secret["stringData"]), f"missing from the example: {read - set(secret['stringData'])}"
 
     def test_config_comes_from_the_generated_configmap(self) -> None:
-        """The pod mounts the generated (hash-suffixed) ConfigMap where --config points."""
-        configmap, container = _one("ConfigMap"), _container()
-        pod = _one("Deployment")["spec"]["template"]["spec"]
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        config_path = Path(_config_arg(container["args"]))
-        mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == config_path.parent)
-        assert volumes[mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
+        """The proxy's and the collector's pods mount the generated (hash-suffixed) ConfigMap where --config points."""
+        configmap = _one("ConfigMap")
         assert configmap["metadata"]["name"].startswith("abproxy-config-")  # the generator's hash suffix
-        assert config_path.name in configmap["data"]
+        for name in (PROXY, COLLECTOR):
+            container = _container(name)
+            volumes = {v["name"]: v for v in _pod(name)["volumes"]}
+            config_path = Path(_config_arg(container["args"]))
+            mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == config_path.parent)
+            assert volumes[mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"], name
+            assert config_path.name in configmap["data"], name
 
     def test_configmap_config_loads(self) -> None:
-        """The shipped config passes the proxy's validation and matches the pod's ports, one worker per pod."""
+        """The shipped config passes the proxy's validation and matches the pod's ports, one worker per pod,
+        outcome metrics and the analysis plan included."""
         settings = _deployed_settings()
         container = _container()
         assert _port(container, "http") == settings.server.port
         assert _port(container, "metrics") == settings.server.metrics_port == 9091
         assert settings.server.workers == 1
+        _check_outcomes(settings)
 
     def test_runs_non_root_on_a_read_only_root(self) -> None:
-        """Non-root with the image's UID, read-only root filesystem, /tmp an emptyDir."""
-        pod = _one("Deployment")["spec"]["template"]["spec"]
-        container = _container()
-        assert pod["securityContext"]["runAsNonRoot"] is True
+        """Proxy and collector: non-root with the image's UID, read-only root filesystem, /tmp an emptyDir."""
         image_uid = [args for op, args in _final_stage() if op == "USER"][-1].split(":")[0]
-        assert pod["securityContext"]["runAsUser"] == int(image_uid)
-        assert container["securityContext"]["readOnlyRootFilesystem"] is True
-        tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
-        assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[tmp["name"]]
+        for name in (PROXY, COLLECTOR):
+            pod, container = _pod(name), _container(name)
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["runAsUser"] == int(image_uid)
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+            assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[tmp["name"]]
 
     def test_hpa_and_pdb_target_the_deployment(self) -> None:
         """The HPA scales the Deployment on CPU; the PDB keeps one of its pods."""
-        deployment, hpa, pdb = _one("Deployment"), _one("HorizontalPodAutoscaler"), _one("PodDisruptionBudget")
+        deployment, hpa, pdb = _deployment(), _one("HorizontalPodAutoscaler"), _one("PodDisruptionBudget")
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                                  "name": deployment["metadata"]["name"]}
         assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
@@ -358,3 +455,25 @@ class TestKubernetes:
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
         assert _matches(_one("Service")["spec"]["selector"], pod_labels)
+
+    def test_collector_writes_the_store_from_the_secret(self) -> None:
+        """The collector runs `abproxy collect` on the shared config, REDIS_URL and the store URL from the Secret."""
+        deployment, container = _deployment(COLLECTOR), _container(COLLECTOR)
+        assert container["args"][0] == "collect"
+        assert _config_arg(container["args"]) == _config_arg(_container()["args"])
+        assert container["image"] == _container()["image"]
+        assert _secret_env(container) == {"REDIS_URL": "REDIS_URL", "ABPROXY_STORE_URL": "ABPROXY_STORE_URL"}
+        assert not [e for e in container.get("env", []) if "value" in e], "literal values in the collector's env"
+        assert deployment["spec"]["replicas"] == 1
+        assert "ports" not in container  # a consumer: nothing to serve, nothing to probe
+
+    def test_collector_pods_stay_out_of_the_proxys_objects(self) -> None:
+        """Neither the Service, the PDB nor the proxy's selector picks up a collector pod."""
+        collector_labels = _deployment(COLLECTOR)["spec"]["template"]["metadata"]["labels"]
+        proxy_labels = _deployment()["spec"]["template"]["metadata"]["labels"]
+        assert _matches(_deployment(COLLECTOR)["spec"]["selector"]["matchLabels"], collector_labels)
+        for name, selector in (("Service", _one("Service")["spec"]["selector"]),
+                               ("PodDisruptionBudget", _one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]),
+                               ("proxy Deployment", _deployment()["spec"]["selector"]["matchLabels"])):
+            assert not _matches(selector, collector_labels), f"the {name} selects collector pods"
+        assert not _matches(_deployment(COLLECTOR)["spec"]["selector"]["matchLabels"], proxy_labels)
