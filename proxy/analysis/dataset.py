@@ -17,7 +17,7 @@ them in either arm would mix the two treatments in one unit.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +75,6 @@ class Dataset:
     requests_by_variant: dict[str, int] = field(default_factory=dict)
     unidentified_requests: int = 0
     crossover_users: int = 0
-    crossover_requests: int = 0
 
     @property
     def looks(self) -> int:
@@ -135,17 +134,16 @@ def load(conn: Connection, experiment: str, window: Window, *, regeneration_wind
     return data
 
 
-class _Rows:
-    """Collects (user, day, values...) rows of one variant-consistent user, dropping crossovers."""
+def _arm_member(data: Dataset, index: Mapping[str, int]) -> Callable[[str, str], int | None]:
+    """user hash, variant -> the user's index, or None for a crossover's request (or an unknown user)."""
 
-    def __init__(self, data: Dataset, index: Mapping[str, int]) -> None:
-        self.data, self.index = data, index
-
-    def user_of(self, user_hash: str, variant: str) -> int | None:
-        user = self.index.get(user_hash)
-        if user is None or bool(self.data.treatment[user]) != (variant == "treatment"):
+    def member(user_hash: str, variant: str) -> int | None:
+        user = index.get(user_hash)
+        if user is None or bool(data.treatment[user]) != (variant == "treatment"):
             return None
         return user
+
+    return member
 
 
 def _observations(users: list[int], days: list[int], num: list[float], den: list[float]) -> Observations:
@@ -203,15 +201,14 @@ def _load_requests(
     users: list[int] = []
     days: list[int] = []
     crossed: set[str] = set()
-    picker = _Rows(data, index)
+    member_of = _arm_member(data, index)
     for user_hash, variant, day, n, errors, empties, oks, latency, cost, regenerated in rows:
         data.requests_by_variant[variant] = data.requests_by_variant.get(variant, 0) + n
         if user_hash is None:
             continue
-        user = picker.user_of(user_hash, variant)
+        user = member_of(user_hash, variant)
         if user is None:
             crossed.add(user_hash)
-            data.crossover_requests += n
             continue
         users.append(user)
         days.append(day)
@@ -248,9 +245,9 @@ def _load_episodes(conn: Connection, data: Dataset, index: Mapping[str, int], sc
         ).group_by(e.user_hash, e.variant, "day")
     ).all()
     users, days, num, den = [], [], [], []
-    picker = _Rows(data, index)
+    member_of = _arm_member(data, index)
     for user_hash, variant, day, episodes, turns in rows:
-        user = picker.user_of(user_hash, variant)
+        user = member_of(user_hash, variant)
         if user is not None:
             users.append(user)
             days.append(day)
@@ -275,9 +272,9 @@ def _load_request_feedback(conn: Connection, data: Dataset, index: Mapping[str, 
         .group_by(r.user_hash, r.variant, "day", fb.metric)
     ).all()
     by_metric: dict[str, tuple[list[int], list[int], list[float], list[float]]] = {}
-    picker = _Rows(data, index)
+    member_of = _arm_member(data, index)
     for user_hash, variant, day, metric, total, count in rows:
-        user = picker.user_of(user_hash, variant)
+        user = member_of(user_hash, variant)
         if user is None:
             continue
         users, days, num, den = by_metric.setdefault(metric, ([], [], [], []))
@@ -322,11 +319,11 @@ def _load_user_feedback(
 def _load_latencies(conn: Connection, data: Dataset, index: Mapping[str, int], scope: list[Any]) -> None:
     r = requests.c
     rows = conn.execute(sa.select(r.user_hash, r.variant, r.latency_ms, r.ttft_ms).where(*scope, r.status == 200)).all()
-    picker = _Rows(data, index)
+    member_of = _arm_member(data, index)
     latency: dict[str, list[float]] = {"control": [], "treatment": []}
     ttft: dict[str, list[float]] = {"control": [], "treatment": []}
     for user_hash, variant, latency_ms, ttft_ms in rows:
-        if user_hash is None or picker.user_of(user_hash, variant) is None:
+        if user_hash is None or member_of(user_hash, variant) is None:
             continue
         latency[variant].append(latency_ms)
         if ttft_ms is not None:

@@ -164,6 +164,8 @@ def build_report(
     n_t = int(treated.sum())
     n_c = len(treated) - n_t
     srm = stats.sample_ratio(n_c, n_t, data.expected_treatment.tolist())
+    primary = analysis.primary_metric
+    primary_obs = None if primary is None else _observations_of(data, primary, settings.metrics)
     report = Report(
         experiment=experiment, since=window.since, until=window.until, generated_at=now,
         arms={
@@ -171,16 +173,12 @@ def build_report(
             "treatment": ArmSummary(config.treatment, n_t, data.requests_by_variant.get("treatment", 0)),
         },
         unidentified_requests=data.unidentified_requests, crossover_users=data.crossover_users, srm=srm,
-        plan=_plan(data, analysis, settings.metrics, None),
+        plan=_plan(data, analysis, settings.metrics, primary_obs),
     )
     if n_c < MIN_UNITS or n_t < MIN_UNITS:
         report.verdict = Verdict("no_data", "Not enough users in both variants to compare yet.",
                                  [f"users: control {n_c}, treatment {n_t}; need at least {MIN_UNITS} each"])
         return report
-    primary = analysis.primary_metric
-    if primary is not None:
-        primary_obs = _observations_of(data, primary, settings.metrics)
-        report.plan = _plan(data, analysis, settings.metrics, primary_obs)
     reached = report.plan.reached
     for name, role in _metric_roles(analysis, settings.metrics):
         result = _compare_metric(data, name, role, settings.metrics, analysis, reached)
