@@ -85,3 +85,90 @@ feedback = Table(
     Index(None, "request_id"),
     Index(None, "user_hash"),
 )
+
+# -- blind human comparison (proxy/humaneval) -------------------------------------------------
+# A comparison is one prompt with two or more models' answers. A study hands comparisons to
+# evaluators as tasks; a task fixes which model is shown as A (left) and which as B, and that
+# mapping never leaves the server: pages and URLs carry only the task's random id.
+
+comparisons = Table(
+    "comparisons",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "c_" + random hex
+    Column("source", String(256), nullable=False),  # "import:<file>", "production:<experiment>", "eval:<run>"
+    Column("prompt", Text, nullable=False),  # JSON: a string or a messages list
+    Column("responses", Text, nullable=False),  # JSON: {model name: answer text}
+    Column("content_hash", String(64), nullable=False),  # re-importing the same pair adds nothing
+    Column("flagged", String(256)),  # why an answer may give its model away ("names 'fine-tuned'")
+    Column("experiment", String(128)),
+    Column("request_id", String(128)),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("content_hash"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("rubric", Text),  # JSON: the criteria with their kind and guidance
+    Column("settings", Text, nullable=False),  # JSON: models, per_evaluator, overlap, seed, source
+    Column("created_at", Float, nullable=False),
+)
+
+evaluators = Table(
+    "evaluators",
+    metadata,
+    Column("study", String(128), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("token_hash", String(64), nullable=False),  # sha256 of the link's token; the token itself is never stored
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+    UniqueConstraint("token_hash"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "t_" + random hex: all a page or URL ever shows
+    Column("study", String(128), nullable=False),
+    Column("evaluator", String(128), nullable=False),
+    Column("position", Integer, nullable=False),  # order in the evaluator's list, from 0
+    Column("comparison_id", String(40), nullable=False),
+    Column("model_a", String(128), nullable=False),  # shown on the left
+    Column("model_b", String(128), nullable=False),  # shown on the right
+    UniqueConstraint("study", "evaluator", "comparison_id"),
+    UniqueConstraint("study", "evaluator", "position"),
+)
+
+votes = Table(
+    "votes",
+    metadata,
+    Column("task_id", String(40), primary_key=True),  # one vote per task: a double submit changes nothing
+    Column("study", String(128), nullable=False),
+    Column("evaluator", String(128), nullable=False),
+    Column("comparison_id", String(40), nullable=False),
+    Column("model_a", String(128), nullable=False),
+    Column("model_b", String(128), nullable=False),
+    Column("choice", String(8), nullable=False),  # A | tie | B
+    Column("why", Text),
+    Column("rubric", Text),  # JSON: criterion -> A|tie|B, or "<criterion>.A"/".B" -> 1..5
+    Column("time_taken_ms", Float),
+    Column("created_at", Float, nullable=False),
+    Index(None, "study", "created_at"),
+)
+
+judge_votes = Table(
+    "judge_votes",
+    metadata,
+    Column("study", String(128), primary_key=True),
+    Column("comparison_id", String(40), primary_key=True),
+    Column("judge", String(128), primary_key=True),  # the config's model name
+    Column("sides", String(2), primary_key=True),  # "ab" or "ba": both orders are asked
+    Column("model_a", String(128), nullable=False),
+    Column("model_b", String(128), nullable=False),
+    Column("choice", String(8), nullable=False),
+    Column("rubric", Text),
+    Column("raw", Text),  # the judge's answer, for audit
+    Column("cost_usd", Float),
+    Column("created_at", Float, nullable=False),
+)
