@@ -43,6 +43,7 @@ class ProxyApp:
             request_ids=runtime.request_ids,
             hash_user=runtime.hash_user,
             feedback=runtime.feedback,
+            pairs=runtime.pairs,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

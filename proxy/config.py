@@ -142,6 +142,13 @@ class AnalysisConfig(_Strict):
     store_prompts: bool = False
 
 
+class PairSamplingConfig(_Strict):
+    """Ask the other variant too, for a share of answered requests, to build blind comparisons."""
+
+    share: float = Field(default=0.0, ge=0, le=1)  # 0.01 = one request in a hundred
+    max_in_flight: int = Field(default=4, ge=1)  # extra calls at once per process; beyond, a sample is skipped
+
+
 class ExperimentConfig(_Strict):
     aliases: list[str] = Field(min_length=1)
     control: str
@@ -150,6 +157,7 @@ class ExperimentConfig(_Strict):
     # Strict: lax mode turns YAML `yes`/`true` into 1.0 before validate_percent can refuse it.
     rollout_percent: float = Field(default=0.0, strict=True)
     analysis: AnalysisConfig = AnalysisConfig()
+    pair_sampling: PairSamplingConfig = PairSamplingConfig()
 
     @field_validator("rollout_percent")
     @classmethod

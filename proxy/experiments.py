@@ -30,6 +30,8 @@ class Experiment:
     treatment: Arm
     default_percent: float
     store_prompts: bool  # prompts and answers go into its events (and the store): off by default
+    pair_share: float  # share of requests also sent to the other variant (proxy/pair_sampling.py)
+    pair_max_in_flight: int
 
     def arm(self, variant: Variant) -> Arm:
         return self.treatment if variant == "treatment" else self.control
@@ -47,7 +49,7 @@ class Router:
                 arms[variant] = Arm(variant, key, model.upstream, model.model, model.pricing)  # type: ignore[arg-type]
             self.experiments[name] = Experiment(
                 name, cfg.salt or name, tuple(cfg.aliases), arms["control"], arms["treatment"], cfg.rollout_percent,
-                cfg.analysis.store_prompts,
+                cfg.analysis.store_prompts, cfg.pair_sampling.share, cfg.pair_sampling.max_in_flight,
             )
         self.by_alias: dict[str, Experiment] = {
             alias: exp for exp in self.experiments.values() for alias in exp.aliases

@@ -101,6 +101,15 @@ class Metrics:
             ["metric"],
             registry=r,
         )
+        self.pairs = Counter(
+            "abproxy_pair_samples", "Sampled requests also sent to the other variant, by outcome.",
+            ["experiment", "outcome"], registry=r,
+        )
+        self.pair_cost = Counter(
+            "abproxy_pair_sampling_cost_usd",
+            "Cost of the extra calls pair sampling makes (kept apart from abproxy_cost_usd_total).",
+            ["experiment", "model"], registry=r,
+        )
         # Every worker follows the same pub/sub channel: the most recent write is the live value.
         self.rollout_percent = Gauge(
             "abproxy_rollout_percent", "Live percent of users in treatment.", ["experiment"],

@@ -34,6 +34,7 @@ from proxy.experiments import Arm, Experiment, Router
 from proxy.feedback import FeedbackIntake, accepted_body
 from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics
+from proxy.pair_sampling import PairSampler
 from proxy.rollout import RolloutCache
 from proxy.sse import UsageTap, first_finish_reason, first_text
 from proxy.types import Receive, Scope, Send
@@ -51,6 +52,7 @@ ENDPOINTS: dict[str, tuple[str, bool]] = {
     "/v1/completions": ("completions", True),
     "/v1/embeddings": ("embeddings", False),
 }
+ENDPOINT_PATH = {label: path[3:] for path, (label, _stream) in ENDPOINTS.items()}  # "chat.completions" -> "/chat/..."
 # endpoint -> the body field that holds what the user asked
 PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "embeddings": "input"}
 FEEDBACK_PATH = "/v1/feedback"
@@ -90,7 +92,8 @@ class Exchange:
     error: str | None = None  # timeout | connect | 4xx | 5xx | cancelled
     upstream_status: int | None = None  # None: no response headers arrived
     finish_reason: str | None = None  # of the first choice, as the upstream reported it
-    completion: str | None = None  # the answer's text, captured only where prompts are stored
+    completion: str | None = None  # the answer's text, captured only where prompts are stored or pairs sampled
+    pair_body: dict[str, Any] | None = None  # set when this request is sampled for a pair
 
 
 class OpenAIHandler:
@@ -106,6 +109,7 @@ class OpenAIHandler:
         request_ids: RequestIds,
         hash_user: UserHasher,
         feedback: FeedbackIntake,
+        pairs: PairSampler,
     ) -> None:
         self.router = router
         self.rollout = rollout
@@ -116,6 +120,7 @@ class OpenAIHandler:
         self.request_ids = request_ids
         self.hash_user = hash_user
         self.feedback = feedback
+        self.pairs = pairs
         self._models_body = orjson.dumps(
             {
                 "object": "list",
@@ -190,6 +195,9 @@ class OpenAIHandler:
             percent,
             body.get(PROMPT_FIELD[endpoint]),
         )
+        if endpoint != "embeddings" and self.pairs.wants(experiment):
+            ex.pair_body = body
+        capture = experiment.store_prompts or ex.pair_body is not None
         in_flight = self.metrics.in_flight_gauge(experiment.name, variant, arm.upstream_model, endpoint)
         in_flight.inc()
         try:
@@ -202,7 +210,7 @@ class OpenAIHandler:
             async with self.upstreams.post(arm.upstream, path[3:], orjson.dumps(body), forward_headers) as response:
                 ex.status = ex.upstream_status = response.status
                 if response.status == 200:
-                    tap = UsageTap(drop_usage_chunk=not client_wants_usage, capture_text=experiment.store_prompts)
+                    tap = UsageTap(drop_usage_chunk=not client_wants_usage, capture_text=capture)
                     await _relay_stream(response, receive, send, ex, tap)
                 else:
                     with translate_errors(arm.upstream):
@@ -302,6 +310,9 @@ class OpenAIHandler:
             event["prompt"] = ex.prompt
             event["completion"] = ex.completion
         self.events.emit(event)
+        if ex.pair_body is not None and ex.status == 200 and ex.completion:
+            self.pairs.submit(ex.experiment, arm, ex.request_id, ENDPOINT_PATH[ex.endpoint], ex.pair_body,
+                              ex.completion)
 
     def _emit_rejected(self, request_id: str, path: str, exc: ProxyError, started: float) -> None:
         now = time.time()
@@ -378,7 +389,7 @@ def _read_answer(payload: bytes, ex: Exchange) -> None:
     if isinstance(obj.get("usage"), dict):
         _usage_into(obj["usage"], ex)
     ex.finish_reason = first_finish_reason(obj)
-    if ex.experiment.store_prompts:
+    if ex.experiment.store_prompts or ex.pair_body is not None:
         ex.completion = first_text(obj)
 
 

@@ -22,6 +22,7 @@ from proxy.experiments import Router
 from proxy.feedback import FeedbackIntake
 from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics, mark_process_dead
+from proxy.pair_sampling import PairSampler
 from proxy.rollout import RolloutCache, RolloutState, RolloutStore
 from proxy.upstream import UpstreamPool
 
@@ -55,6 +56,7 @@ class Runtime:
         self.events = EventLog(
             self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
+        self.pairs = PairSampler(self.upstreams, self.events, self.metrics)
         self._gauges: asyncio.Task[None] | None = None
         self._store_engine: sa.Engine | None = None
 
@@ -117,6 +119,7 @@ class Runtime:
         await cancel_and_wait(self._gauges)
         self._gauges = None
         await self.rollout.stop()
+        await self.pairs.stop()
         await self.upstreams.stop()
         await self.events.stop()
         await self.redis.aclose()
