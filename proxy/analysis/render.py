@@ -7,7 +7,6 @@ Numbers that do not exist (an interval with no spread, a hidden p-value) are nul
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 from datetime import UTC, datetime
@@ -17,19 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from proxy.analysis.report import MetricResult, Report
+from proxy.jsonable import dataclass_json, finite
 
 FORMATS = ("table", "markdown", "json", "csv")
 _DECISION_STYLE = {"ship": "bold green", "roll_back": "bold red", "untrustworthy": "bold red"}
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _iso(ts: float) -> str:
@@ -37,7 +27,7 @@ def _iso(ts: float) -> str:
 
 
 def to_json(report: Report) -> dict[str, Any]:
-    body: dict[str, Any] = _clean(dataclasses.asdict(report))
+    body = dataclass_json(report)
     body["window"] = {"since": _iso(report.since), "until": _iso(report.until),
                       "days": round((report.until - report.since) / 86400, 3)}
     body["generated_at"] = _iso(report.generated_at)
@@ -184,7 +174,7 @@ def to_csv(report: Report) -> str:
     writer.writeheader()
     for m in report.metrics + ([report.cost_per_success] if report.cost_per_success else []):
         lift_ci = m.lift_ci or (None, None)
-        writer.writerow(_clean({
+        writer.writerow(finite({
             "section": "metric", "name": m.name, "role": m.role, "control": m.control.value,
             "treatment": m.treatment.value, "control_users": m.control.users, "treatment_users": m.treatment.users,
             "diff": m.diff, "diff_low": m.diff_ci[0], "diff_high": m.diff_ci[1], "lift": m.lift,
@@ -192,7 +182,7 @@ def to_csv(report: Report) -> str:
             "adjusted_p": m.adjusted_p, "significant": m.significant, "status": "", "method": m.method,
         }))
     for g in report.guardrails:
-        writer.writerow(_clean({
+        writer.writerow(finite({
             "section": "guardrail", "name": g.name, "role": "guardrail", "control": g.control,
             "treatment": g.treatment, "diff": g.diff, "lift": None if g.ratio is None else g.ratio - 1,
             "status": g.status, "method": g.method,
