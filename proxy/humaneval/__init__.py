@@ -1,0 +1,1 @@
+"""Blind human comparison: studies, votes, ratings and agreement."""
