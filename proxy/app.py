@@ -2,7 +2,10 @@
 
     create_app(settings) -> ProxyApp
         /v1/*          OpenAIHandler   (hot path, raw ASGI)
-        everything     FastAPI         (admin, health, readiness, metrics; lifespan)
+        everything     FastAPI         (admin, health, readiness, metrics, /eval pages; lifespan)
+
+    create_eval_app(store_url, admin_token=) -> FastAPI
+        /eval/*        the blind comparison pages alone (`abproxy humaneval serve`)
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.config import Settings, config_path, load_settings
 from proxy.errors import ProxyError, error_body
+from proxy.humaneval.pages import EvalSite
+from proxy.humaneval.web import router as eval_router
 from proxy.metrics import Metrics
 from proxy.routes_admin import admin, ops
 from proxy.routes_openai import OpenAIHandler
@@ -104,8 +109,44 @@ def _build_api(runtime: Runtime, *, freeze_gc: bool = False) -> FastAPI:
 
     api = FastAPI(title="llm-ab-proxy", lifespan=lifespan, docs_url="/docs", openapi_url="/openapi.json")
     api.state.runtime = runtime
+    api.state.eval_site = EvalSite(store=runtime.store_engine, admin_token=runtime.settings.admin_token)
     api.include_router(admin)
     api.include_router(ops)
+    api.include_router(eval_router)
+    install_error_handlers(api)
+    return api
+
+
+def create_eval_app(store_url: str, *, admin_token: str | None) -> FastAPI:
+    """The /eval pages without the proxy: no upstreams, Redis or experiments, only the store.
+
+    ValueError for a store URL that cannot be used; the engine connects on the first page.
+    """
+    from proxy.store.db import engine_for
+
+    engine = engine_for(store_url)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    api = FastAPI(title="llm-ab-proxy human evaluation", lifespan=lifespan, docs_url=None, openapi_url=None)
+    api.state.eval_site = EvalSite(store=lambda: engine, admin_token=admin_token)
+    api.include_router(eval_router)
+
+    @api.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    install_error_handlers(api)
+    return api
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """Every error off the hot path in OpenAI's shape, as the /v1 handler writes its own."""
 
     @api.exception_handler(ProxyError)
     async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
@@ -128,8 +169,6 @@ def _build_api(runtime: Runtime, *, freeze_gc: bool = False) -> FastAPI:
             status_code=exc.status_code,
             headers=exc.headers,
         )
-
-    return api
 
 
 def _freeze_startup_heap() -> None:

@@ -1,5 +1,5 @@
 """The `abproxy` command line: serve, assign, rollout, events, collect, store, report, stats, traffic,
-mock-upstream, demo."""
+mock-upstream, demo, humaneval."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from proxy.config import ConfigError, Settings, config_path, load_settings
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from sqlalchemy import Engine
+
+    from proxy.humaneval.studies import ImportResult
 
 # Piped output (scripts, CI logs) gets wide tables instead of truncated cells.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -527,6 +529,280 @@ def traffic(
     except KeyboardInterrupt:
         return
     click.echo(stats.summary())
+
+
+# -- humaneval: blind human comparison of the models' answers --------------------------------
+@main.group("humaneval")
+def humaneval() -> None:
+    """Blind human comparison: import answer pairs, build studies, hand out evaluators' links."""
+
+
+_config = click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+_base_url = click.option("--base-url", default="http://127.0.0.1:8080", show_default=True,
+                         help="Where evaluators reach the proxy (or `abproxy humaneval serve`).")
+
+
+def _humaneval_engine(config: str | None, store_url: str | None) -> Engine:
+    """The migrated store; with --store no config file is read, as for `store migrate`."""
+    if store_url is None:
+        store_url = _settings(config, upstream_keys=False)[1].store.url
+    engine = _store_engine(store_url)
+    _migrate(engine)
+    return engine
+
+
+def _eval_link(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/eval/s/{token}"
+
+
+def _import_pairs(engine: Engine, file: str, source: str | None) -> ImportResult:
+    """Import FILE and print what happened; exits 2 when nothing in it could be used."""
+    import time
+
+    from proxy.humaneval.studies import import_jsonl
+
+    try:
+        result = import_jsonl(engine, file, source=source, now=time.time())
+    except ValueError as exc:
+        _fail(str(exc))
+    if not result.parsed:
+        first = f": line {result.errors[0][0]}: {result.errors[0][1]}" if result.errors else ""
+        _fail(f"no valid comparison in {file} ({len(result.errors)} line(s) with errors{first})")
+    click.echo(f"imported {file} as {result.source}: {result.added} added, {result.duplicates} duplicate(s), "
+               f"{len(result.flagged)} flagged, {len(result.errors)} error(s)")  # fmt: skip
+    if result.flagged:
+        click.echo("flagged (an answer may give its model away; studies leave these out):")
+        for cid, reason in result.flagged:
+            click.echo(f"  {cid}: {reason}")
+    if result.errors:
+        click.echo("errors (lines skipped):")
+        for line, message in result.errors:
+            click.echo(f"  line {line}: {message}")
+    return result
+
+
+@humaneval.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--source", default=None, help="Name the comparisons' source [import:<file name>].")
+@_config
+@_store_url
+def humaneval_import(file: str, source: str | None, config: str | None, store_url: str | None) -> None:
+    """Store FILE's comparisons (JSONL: {prompt, responses: {model: text, ...}} per line); repeats add nothing."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.store.collector import error_line
+
+    engine = _humaneval_engine(config, store_url)
+    try:
+        _import_pairs(engine, file, source)
+    except SQLAlchemyError as exc:
+        _fail(f"import failed: {error_line(exc)}")
+    finally:
+        engine.dispose()
+
+
+@humaneval.command("create-study")
+@click.argument("name")
+@click.option("--from", "from_file", default=None, type=click.Path(dir_okay=False),
+              help="Import this JSONL file first and draw only from its comparisons [every stored comparison].")
+@click.option("--evaluators", required=True, help="Comma-separated evaluator names, e.g. ann,bob,cy.")
+@click.option("--per-evaluator", type=int, default=40, show_default=True, help="Tasks in each evaluator's list.")
+@click.option("--overlap", type=float, default=0.2, show_default=True,
+              help="At least this share of the comparisons used goes to two or more evaluators.")
+@click.option("--rubric", "rubric_file", default=None, type=click.Path(dir_okay=False), help="Rubric YAML file.")
+@click.option("--models", default=None, help="Compare these two, e.g. base,finetuned [each comparison's models].")
+@click.option("--seed", type=int, default=None, help="Seed of the assignment [random, and printed].")
+@_base_url
+@_config
+@_store_url
+def humaneval_create_study(
+    name: str, from_file: str | None, evaluators: str, per_evaluator: int, overlap: float, rubric_file: str | None,
+    models: str | None, seed: int | None, base_url: str, config: str | None, store_url: str | None,
+) -> None:
+    """Build study NAME: a blind task list per evaluator, and each evaluator's personal link."""
+    import secrets
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.humaneval.studies import create_study, load_rubric
+    from proxy.store.collector import error_line
+
+    names = [e.strip() for e in evaluators.split(",") if e.strip()]
+    pair: tuple[str, str] | None = None
+    if models is not None:
+        given = [m.strip() for m in models.split(",")]
+        if len(given) != 2 or not all(given):
+            _fail(f"--models needs two comma-separated model names, got {models!r}")
+        pair = (given[0], given[1])
+    try:
+        rubric = load_rubric(rubric_file) if rubric_file else None
+    except ValueError as exc:
+        _fail(str(exc))
+    # A recorded random seed: two studies differ, and either can be rebuilt.
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    engine = _humaneval_engine(config, store_url)
+    try:
+        source = _import_pairs(engine, from_file, None).source if from_file else None
+        created = create_study(engine, name, evaluators=names, per_evaluator=per_evaluator, overlap=overlap,
+                               models=pair, rubric=rubric, seed=seed, source=source, now=time.time())  # fmt: skip
+    except ValueError as exc:
+        _fail(f"cannot create study {name!r}: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(f"cannot create study {name!r}: {error_line(exc)}")
+    finally:
+        engine.dispose()
+    flagged = f" ({created.excluded_flagged} flagged left out)" if created.excluded_flagged else ""
+    click.echo(f"study {name}: {len(names)} evaluator(s) x {per_evaluator} tasks, {created.comparisons} "
+               f"comparisons{flagged}, seed {seed}")  # fmt: skip
+    click.echo(f"overlap: {created.overlap_share:.1%} of the comparisons go to two or more evaluators "
+               f"(asked at least {overlap:.1%})")  # fmt: skip
+    click.echo("personal links (shown once: the store keeps only a hash of each; "
+               f"`abproxy humaneval link {name} EVALUATOR` makes a new one):")  # fmt: skip
+    width = max(len(e) for e in created.links)
+    for evaluator, token in created.links.items():
+        click.echo(f"  {evaluator:<{width}}  {_eval_link(base_url, token)}")
+
+
+@humaneval.command("link")
+@click.argument("study")
+@click.argument("evaluator")
+@_base_url
+@_config
+@_store_url
+def humaneval_link(study: str, evaluator: str, base_url: str, config: str | None, store_url: str | None) -> None:
+    """A new personal link for EVALUATOR; their previous link stops working, a revoked one is reopened."""
+    from proxy.humaneval.studies import new_link
+
+    engine = _humaneval_engine(config, store_url)
+    try:
+        token = new_link(engine, study, evaluator)
+    except KeyError:
+        _fail(f"no evaluator {evaluator!r} in study {study!r}")
+    finally:
+        engine.dispose()
+    click.echo(f"{study} / {evaluator}: {_eval_link(base_url, token)}")
+    click.echo("shown once: the store keeps only a hash; the previous link no longer works")
+
+
+@humaneval.command("revoke")
+@click.argument("study")
+@click.argument("evaluator")
+@_config
+@_store_url
+def humaneval_revoke(study: str, evaluator: str, config: str | None, store_url: str | None) -> None:
+    """Close EVALUATOR's link (their votes stay); `humaneval link` opens a new one."""
+    import time
+
+    from proxy.humaneval.studies import get_study, revoke
+
+    engine = _humaneval_engine(config, store_url)
+    try:
+        if revoke(engine, study, evaluator, now=time.time()):
+            click.echo(f"{study} / {evaluator}: link revoked")
+            return
+        summary = get_study(engine, study)
+    finally:
+        engine.dispose()
+    if summary is None:
+        _fail(f"no study named {study!r}")
+    if not any(e.name == evaluator for e in summary.evaluators):
+        _fail(f"no evaluator {evaluator!r} in study {study!r}")
+    click.echo(f"{study} / {evaluator}: link already revoked")
+
+
+@humaneval.command("report")
+@click.argument("study")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "markdown", "json", "csv"]))
+@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap rounds for the rating intervals.")
+@_config
+@_store_url
+def humaneval_report(study: str, fmt: str, bootstrap: int, config: str | None, store_url: str | None) -> None:
+    """A study's ratings (Elo, Bradley-Terry with intervals), win rates, rubric results and agreement."""
+    import orjson
+
+    from proxy.humaneval.render import to_csv, to_markdown, to_table
+    from proxy.humaneval.report import study_report, to_json
+
+    if bootstrap < 0:
+        _fail("--bootstrap must be >= 0")
+    engine = _humaneval_engine(config, store_url)
+    try:
+        result = study_report(engine, study, bootstrap=bootstrap)
+    except KeyError:
+        _fail(f"no study named {study!r}")
+    finally:
+        engine.dispose()
+    if fmt == "json":
+        click.echo(orjson.dumps(to_json(result), option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "markdown":
+        click.echo(to_markdown(result), nl=False)
+    elif fmt == "csv":
+        click.echo(to_csv(result), nl=False)
+    else:
+        to_table(result, console)
+
+
+@humaneval.command("studies")
+@_config
+@_store_url
+def humaneval_studies(config: str | None, store_url: str | None) -> None:
+    """Studies, newest first, with each evaluator's progress."""
+    from datetime import UTC, datetime
+
+    from proxy.humaneval.studies import list_studies
+
+    def when(ts: float | None) -> str:
+        return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+    engine = _humaneval_engine(config, store_url)
+    try:
+        found = list_studies(engine)
+    finally:
+        engine.dispose()
+    if not found:
+        click.echo("no studies yet: abproxy humaneval create-study NAME --from FILE --evaluators a,b")
+        return
+    table = Table("study", "created (UTC)", "models", "comparisons", "evaluator", "progress", "last vote", "link")
+    for study in found:
+        for i, e in enumerate(study.evaluators):
+            head = [study.name, when(study.created_at), " vs ".join(study.models), str(study.comparisons)]
+            table.add_row(*(head if i == 0 else ["", "", "", ""]), e.name, f"{e.voted}/{e.total}",
+                          when(e.last_vote_at), "revoked" if e.revoked else "open")  # fmt: skip
+    console.print(table)
+
+
+@humaneval.command("serve")
+@_config
+@_store_url
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def humaneval_serve(config: str | None, store_url: str | None, host: str, port: int, log_level: str) -> None:
+    """Serve the evaluators' pages (/eval/s/...) and the study admin (/eval/admin) without the proxy.
+
+    The admin token is ABPROXY_ADMIN_TOKEN (through the config when one is given); without it the admin
+    pages answer 403.
+    """
+    import uvicorn
+
+    from proxy.app import create_eval_app
+    from proxy.logs import configure_logging
+
+    if store_url is None and config is None:
+        _fail("give --store URL, or --config FILE (its store.url) [env ABPROXY_CONFIG]")
+    settings = None if store_url is not None and config is None else _settings(config, upstream_keys=False)[1]
+    url = store_url or (settings.store.url if settings else "")
+    admin_token = settings.admin_token if settings else os.environ.get("ABPROXY_ADMIN_TOKEN") or None
+    _humaneval_engine(None, url).dispose()  # migrated before the first page, so a page never meets a missing table
+    configure_logging(log_level)
+    try:
+        app = create_eval_app(url, admin_token=admin_token)
+    except ValueError as exc:
+        _fail(f"config error: store.url: {exc}")
+    # No access log: an evaluator's secret is in the path of every request they make.
+    uvicorn.run(app, host=host, port=port, access_log=False, server_header=False, log_level=log_level)
 
 
 if __name__ == "__main__":

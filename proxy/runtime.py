@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import BinaryIO
 
@@ -59,14 +60,16 @@ class Runtime:
         self.pairs = PairSampler(self.upstreams, self.events, self.metrics)
         self._gauges: asyncio.Task[None] | None = None
         self._store_engine: sa.Engine | None = None
+        self._store_lock = threading.Lock()  # store_engine() is first called from worker threads
 
     def store_engine(self) -> sa.Engine:
         """The analysis store, opened on first use: only the admin report reads it, never a request."""
-        if self._store_engine is None:
-            from proxy.store.db import engine_for
+        with self._store_lock:
+            if self._store_engine is None:
+                from proxy.store.db import engine_for
 
-            self._store_engine = engine_for(self.settings.store.url)
-        return self._store_engine
+                self._store_engine = engine_for(self.settings.store.url)
+            return self._store_engine
 
     def _event_sinks(self, stdout: BinaryIO | None) -> list[tuple[Sink, int]]:
         config = self.settings.events

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.store.db import engine_for
+from proxy.store.schema import comparisons
 from tests.harness import MockUpstream, ProxyServer, outcomes_config, wait_until
 
 EXPERIMENT = "sales-companion"
@@ -78,6 +85,22 @@ class TestPairSampling:
             assert stored[frozenset({("experiment", EXPERIMENT), ("outcome", "stored")})] == len(answers)
             # Prompts stay out of the request events: only the sampled pair carries one.
             assert not any("prompt" in e for e in requests)
+
+            # The collector turns the pairs into comparisons for blind review.
+            store = f"sqlite:///{tmp_path / 'store.db'}"
+            config_file = str(tmp_path / f"proxy-{server.port}.yaml")
+            done = subprocess.run([sys.executable, "-m", "proxy", "collect", "--once", "--config", config_file,
+                                   "--store", store], env={**os.environ, "REDIS_URL": redis_url},
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            engine = engine_for(store)
+            with engine.connect() as conn:
+                rows = conn.execute(sa.select(comparisons.c.source, comparisons.c.request_id,
+                                              comparisons.c.responses)).all()
+            engine.dispose()
+            assert {r.request_id for r in rows} == set(answers)
+            assert {r.source for r in rows} == {f"production:{EXPERIMENT}"}
+            assert all(set(json.loads(r.responses)) == {"base", "finetuned"} for r in rows)
         finally:
             server.set_percent(0)
             server.stop()

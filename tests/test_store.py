@@ -14,6 +14,7 @@ from sqlalchemy import Engine, inspect, select
 from proxy.store.db import (
     Store,
     WriteResult,
+    check_event,
     current_revision,
     engine_for,
     feedback_row,
@@ -22,7 +23,7 @@ from proxy.store.db import (
     normalise_url,
     request_row,
 )
-from proxy.store.schema import feedback, metadata, requests
+from proxy.store.schema import comparisons, feedback, metadata, requests
 
 T0 = 1_795_406_672.0
 
@@ -246,3 +247,28 @@ class TestRows:
             feedback_row(feedback_event("thumbs", 1.0, T0, level="session"))
         with pytest.raises(ValueError, match="value"):
             feedback_row(feedback_event("thumbs", True, T0))  # booleans arrive as 1.0/0.0
+
+
+def pair_event(request_id: str, ft_answer: str = "Happy to help: here is the plan.") -> dict[str, Any]:
+    return {"kind": "pair", "ts": 1_800_000_000.0, "request_id": request_id, "experiment": "sales-companion",
+            "prompt": [{"role": "user", "content": "pitch me"}], "responses": {"base": "Sure.", "finetuned": ft_answer},
+            "cost_usd": 0.0001}
+
+
+class TestPairs:
+    """Production pairs (proxy/pair_sampling.py) become comparisons, once each, flagged like imports."""
+
+    def test_stored_once_as_a_production_comparison(self, engine: Engine, store: Store) -> None:
+        result = store.write([pair_event("r1"), pair_event("r1")])
+        assert result.pairs_added == 1
+        assert store.write([pair_event("r1")]).pairs_added == 0  # redelivered
+        store.write([pair_event("r2", "As a fine-tuned model, I suggest this.")])
+        with engine.connect() as conn:
+            rows = {r.request_id: r for r in conn.execute(select(comparisons)).all()}
+        assert rows["r1"].source == "production:sales-companion" and rows["r1"].experiment == "sales-companion"
+        assert rows["r1"].flagged is None and "fine-tuned" in (rows["r2"].flagged or "")
+
+    def test_a_pair_with_one_answer_is_refused(self, store: Store) -> None:
+        bad = {**pair_event("r3"), "responses": {"base": "only one"}}
+        with pytest.raises(ValueError):
+            check_event(bad)

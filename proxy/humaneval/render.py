@@ -23,7 +23,7 @@ def _ci(pair: tuple[float, float], fmt: str = "{:.0f}") -> str:
     return f"({fmt.format(pair[0])}, {fmt.format(pair[1])})"
 
 
-def _sections(report: StudyReport) -> list[tuple[str, list[str], list[list[str]]]]:
+def sections(report: StudyReport) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, columns, rows) for every table, shared by the terminal and Markdown views."""
     ratings_rows = [
         [r.model, f"{r.rating:.0f}", _ci(r.ci), f"{report.elo.get(r.model, float('nan')):.0f}",
@@ -63,7 +63,7 @@ def _sections(report: StudyReport) -> list[tuple[str, list[str], list[list[str]]
     ]
 
 
-def _summary_lines(report: StudyReport) -> list[str]:
+def summary_lines(report: StudyReport) -> list[str]:
     fleiss = "—" if report.fleiss is None else f"{report.fleiss:.2f}"
     position = report.position
     return [
@@ -76,9 +76,9 @@ def _summary_lines(report: StudyReport) -> list[str]:
 
 def to_table(report: StudyReport, console: Console) -> None:
     console.print(f"[bold]study {report.study}[/bold]: {', '.join(report.models)}")
-    for line in _summary_lines(report):
+    for line in summary_lines(report):
         console.print(line, highlight=False)
-    for title, columns, rows in _sections(report):
+    for title, columns, rows in sections(report):
         if rows:
             table = Table(*columns, title=title, title_justify="left")
             for row in rows:
@@ -89,8 +89,8 @@ def to_table(report: StudyReport, console: Console) -> None:
 
 
 def to_markdown(report: StudyReport) -> str:
-    lines = [f"## Study {report.study}", "", *[f"- {line}" for line in _summary_lines(report)]]
-    for title, columns, rows in _sections(report):
+    lines = [f"## Study {report.study}", "", *[f"- {line}" for line in summary_lines(report)]]
+    for title, columns, rows in sections(report):
         if rows:
             lines += ["", f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             lines += ["| " + " | ".join(rows_cell.replace("|", "\\|") for rows_cell in row) + " |" for row in rows]

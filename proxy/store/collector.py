@@ -75,6 +75,7 @@ class Collector:
         self.reader = ConsumerGroupReader(redis, group, consumer, key)
         self.processed = self.stored = self.duplicates = self.skipped = self.malformed = self.feedback = 0
         self.newer = 0  # entries of a newer schema version, left pending
+        self.pairs = 0  # production pairs added as comparisons
         # Their ids: claimed or read again, they are neither logged nor counted twice, and a
         # claim that returns only these is no reason to skip reading new entries.
         self._deferred: set[bytes] = set()
@@ -89,6 +90,7 @@ class Collector:
         return {
             "processed": self.processed, "stored": self.stored, "duplicates": self.duplicates,
             "skipped": self.skipped, "malformed": self.malformed, "feedback": self.feedback, "newer": self.newer,
+            "pairs": self.pairs,
         }  # fmt: skip
 
     async def step(self) -> int:
@@ -216,12 +218,14 @@ class Collector:
         self.stored += result.requests_inserted
         self.duplicates += result.requests_duplicate
         self.feedback += result.feedback_written
+        self.pairs += result.pairs_added
         self.skipped += result.skipped
         self.malformed += malformed
         self.newer += newer
         log.debug(
             "collector_batch", entries=len(entries), stored=result.requests_inserted,
-            duplicates=result.requests_duplicate, feedback=result.feedback_written, skipped=result.skipped,
+            duplicates=result.requests_duplicate, feedback=result.feedback_written, pairs=result.pairs_added,
+            skipped=result.skipped,
             malformed=malformed, newer=newer,
         )  # fmt: skip
 

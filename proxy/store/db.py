@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
-from proxy.store.schema import feedback, requests
+from proxy.store.schema import comparisons, feedback, requests
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -120,6 +120,7 @@ class WriteResult:
     requests_duplicate: int = 0  # already stored, or twice in the batch
     feedback_written: int = 0  # inserted, or replaced an older value
     skipped: int = 0  # rejected before routing, or of an unknown kind
+    pairs_added: int = 0  # production pairs new to the comparisons table
 
 
 class Store:
@@ -134,6 +135,7 @@ class Store:
         result = WriteResult()
         request_rows: dict[str, dict[str, Any]] = {}
         feedback_rows: dict[tuple[str, str], dict[str, Any]] = {}
+        pair_rows: dict[str, dict[str, Any]] = {}
         request_events = 0
         for ev in events:
             kind = event_kind(ev)
@@ -150,6 +152,9 @@ class Store:
                 kept = feedback_rows.get(key)
                 if kept is None or row["ts"] >= kept["ts"]:
                     feedback_rows[key] = row
+            elif kind == "pair":
+                row = pair_row(ev)
+                pair_rows.setdefault(row["content_hash"], row)
             else:
                 result.skipped += 1
         with self.engine.begin() as connection:
@@ -157,6 +162,9 @@ class Store:
                 result.requests_inserted = self._insert_requests(connection, list(request_rows.values()))
             if feedback_rows:
                 result.feedback_written = self._upsert_feedback(connection, list(feedback_rows.values()))
+            if pair_rows:
+                statement = self._insert(comparisons).on_conflict_do_nothing(index_elements=["content_hash"])
+                result.pairs_added = _executemany(connection, statement, list(pair_rows.values()))
         result.requests_duplicate = request_events - result.requests_inserted
         return result
 
@@ -194,6 +202,8 @@ def check_event(event: dict[str, Any]) -> None:
         request_row(event)
     elif kind == "feedback":
         feedback_row(event)
+    elif kind == "pair":
+        pair_row(event)
 
 
 def event_kind(event: dict[str, Any]) -> str:
@@ -235,6 +245,20 @@ def request_row(event: dict[str, Any]) -> dict[str, Any] | None:
         "prompt": None if prompt is None else orjson.dumps(prompt).decode(),
         "completion": _text(event, "completion"),
     }
+
+
+def pair_row(event: dict[str, Any]) -> dict[str, Any]:
+    """The `comparisons` row of a production pair (proxy/pair_sampling.py): a blind comparison to review."""
+    from proxy.humaneval.importer import checked_pair, comparison_row
+
+    experiment = _id(event, "experiment", 128, required=True)
+    prompt, responses = checked_pair(event.get("prompt"), event.get("responses"))
+    ts = _float(event, "ts", required=True)
+    assert ts is not None  # required=True raised otherwise
+    return comparison_row(
+        prompt, responses, source=f"production:{experiment}", now=ts,
+        experiment=experiment, request_id=_id(event, "request_id", 128),
+    )
 
 
 def feedback_row(event: dict[str, Any]) -> dict[str, Any]:
