@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,19 @@ class TestPairSampling:
         server = _proxy(upstreams, redis_url, tmp_path, share=1.0, max_in_flight=1)
         try:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk", max_retries=0)
-            for i in range(4):
-                # mock_latency_ms travels with the copied body, so the extra call is slow too.
+
+            def ask(i: int) -> None:
+                # mock_latency_ms travels with the copied body, so the extra call is slow too: the four
+                # answers arrive within milliseconds of each other, while the first extra call takes 1.5 s.
                 client.chat.completions.create(model=EXPERIMENT, messages=[{"role": "user", "content": f"{i}"}],
                                                user=f"u{i}", extra_body={"mock_latency_ms": 1500})
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(ask, range(4)))
             outcomes = _samples(server, "abproxy_pair_samples_total")
             skipped = outcomes.get(frozenset({("experiment", EXPERIMENT), ("outcome", "skipped_busy")}), 0)
             assert skipped >= 1
+            stored = outcomes.get(frozenset({("experiment", EXPERIMENT), ("outcome", "stored")}), 0)
+            assert stored + skipped <= 4
         finally:
             server.stop()
