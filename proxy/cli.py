@@ -716,9 +716,12 @@ def humaneval_revoke(study: str, evaluator: str, config: str | None, store_url: 
 @click.option("--format", "fmt", default="table", show_default=True,
               type=click.Choice(["table", "markdown", "json", "csv"]))
 @click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap rounds for the rating intervals.")
+@click.option("--judge", default=None, help="Show this automatic judge's votes [the only judge, if one voted].")
 @_config
 @_store_url
-def humaneval_report(study: str, fmt: str, bootstrap: int, config: str | None, store_url: str | None) -> None:
+def humaneval_report(
+    study: str, fmt: str, bootstrap: int, judge: str | None, config: str | None, store_url: str | None
+) -> None:
     """A study's ratings (Elo, Bradley-Terry with intervals), win rates, rubric results and agreement."""
     import orjson
 
@@ -729,7 +732,7 @@ def humaneval_report(study: str, fmt: str, bootstrap: int, config: str | None, s
         _fail("--bootstrap must be >= 0")
     engine = _humaneval_engine(config, store_url)
     try:
-        result = study_report(engine, study, bootstrap=bootstrap)
+        result = study_report(engine, study, bootstrap=bootstrap, judge=judge)
     except KeyError:
         _fail(f"no study named {study!r}")
     finally:
@@ -742,6 +745,44 @@ def humaneval_report(study: str, fmt: str, bootstrap: int, config: str | None, s
         click.echo(to_csv(result), nl=False)
     else:
         to_table(result, console)
+
+
+@humaneval.command("judge")
+@click.argument("study")
+@click.option("--model", "model", required=True, help="The judge: a model name from the config.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True, help="Calls in flight.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True, help="Per answer.")
+@_config
+@_store_url
+def humaneval_judge(
+    study: str, model: str, concurrency: int, max_tokens: int, config: str | None, store_url: str | None
+) -> None:
+    """Have MODEL vote on STUDY's blind pairs, both orders each; a rerun asks only what is not stored yet."""
+    import time
+
+    from rich.progress import Progress
+
+    from proxy.humaneval.judge import run_judge
+
+    _, settings = _settings(config)  # with the upstream keys: the judge is called through its upstream
+    if model not in settings.models:
+        _fail(f"no model named {model!r} in the config (models: {', '.join(sorted(settings.models))})")
+    engine = _humaneval_engine(config, store_url)
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"judging {study} with {model}", total=None)
+            done = asyncio.run(run_judge(
+                engine, settings, study, model, concurrency=concurrency, max_tokens=max_tokens, now=time.time,
+                progress=lambda n, total: bar.update(task, completed=n, total=total),
+            ))  # fmt: skip
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    click.echo(f"judge {model} on {study}: {done.asked} asked, {done.stored} stored, "
+               f"{done.skipped_existing} already stored, {done.failed} failed; cost ${done.cost_usd:.4f}")  # fmt: skip
+    if done.first_error:
+        click.echo(f"first error: {done.first_error}")
 
 
 @humaneval.command("studies")

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import struct
 import time
 from collections import deque
@@ -235,6 +236,25 @@ async def _stream(request: web.Request, ctx: _Ctx, frames: list[Frame]) -> web.S
     return resp
 
 
+# A judge with a known, simple preference, so tests know what it must answer. When the system message holds
+# proxy.humaneval.judge's marker, the reply is its JSON verdict for the LONGER of Response A / Response B
+# (a tie at equal length), every rubric criterion answered like the winner (scores 5 / 3, 4 / 4 on a tie).
+_JUDGE_MARKER = "You are judging two answers"
+_JUDGE_SECTION = r"\[{0}\]\n(.*?)\n\[End of {0}\]"
+_JUDGE_CRITERION = re.compile(r"^- ([a-z0-9_]+) \((preference|score)", re.MULTILINE)
+
+
+def _judge_verdict(user: str) -> list[str]:
+    a, b, criteria = (re.search(_JUDGE_SECTION.format(s), user, re.DOTALL) for s in
+                      ("Response A", "Response B", "Criteria"))  # fmt: skip
+    len_a, len_b = (len(m.group(1)) if m else 0 for m in (a, b))
+    winner = "A" if len_a > len_b else "B" if len_b > len_a else "tie"
+    scores = {"A": {"A": 5, "B": 3}, "B": {"A": 3, "B": 5}, "tie": {"A": 4, "B": 4}}[winner]
+    answers = {name: winner if kind == "preference" else scores
+               for name, kind in _JUDGE_CRITERION.findall(criteria.group(1) if criteria else "")}  # fmt: skip
+    return json.dumps({"winner": winner, "criteria": answers, "reason": "longer"}).split(" ")
+
+
 async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
     body, model = ctx.body, ctx.body["model"]
     messages = body.get("messages")
@@ -243,7 +263,12 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
     texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
     last_user = next((t for m, t in zip(reversed(messages), reversed(texts), strict=True)
                       if isinstance(m, dict) and m.get("role") == "user"), "")
-    words, finish = _cap(_reply(ctx.state.name, model, len(messages), "messages", last_user), body)
+    judging = any(isinstance(m, dict) and m.get("role") == "system" and _JUDGE_MARKER in t
+                  for m, t in zip(messages, texts, strict=True))  # fmt: skip
+    if judging:
+        words, finish = _cap(_judge_verdict(last_user), body)
+    else:
+        words, finish = _cap(_reply(ctx.state.name, model, len(messages), "messages", last_user), body)
     usage = _usage(max(1, sum(_words(t) + 3 for t in texts)), len(words))
     base: JSON = {"id": f"chatcmpl-mock-{ctx.request_id}", "created": int(time.time()), "model": model}
     if body.get("stream") is not True:

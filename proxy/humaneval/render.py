@@ -60,6 +60,29 @@ def sections(report: StudyReport) -> list[tuple[str, list[str], list[list[str]]]
         ("agreement between evaluators (Cohen's kappa on shared comparisons)",
          ["evaluators", "shared", "kappa", ""], kappa_rows),
         ("evaluators", ["evaluator", "agrees with majority", "shared", "median time per vote"], evaluator_rows),
+        *_judge_sections(report),
+    ]
+
+
+def _judge_sections(report: StudyReport) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The automatic judge: its agreement with the human majority, and its ratings beside the humans'."""
+    judge = report.judge
+    if judge is None:
+        return []
+    kappa = judge.agreement
+    agreement_row = [judge.judge, str(judge.votes), "—" if kappa.kappa is None else f"{kappa.kappa:.2f}",
+                     str(kappa.shared), "LOW" if kappa.flag else "", f"${judge.cost_usd:.4f}"]  # fmt: skip
+    human = {r.model: r for r in report.bradley_terry}
+    rating_rows = [
+        [r.model, f"{r.rating:.0f}", _ci(r.ci),
+         f"{human[r.model].rating:.0f} {_ci(human[r.model].ci)}" if r.model in human else "—"]
+        for r in judge.ratings
+    ]
+    return [
+        ("automatic judge (both orders asked; Cohen's kappa of its verdict vs the human majority on shared "
+         "comparisons)", ["judge", "votes", "kappa", "shared", "", "cost"], [agreement_row]),
+        ("automatic judge ratings beside the humans' (Bradley-Terry, 95 % bootstrap CI)",
+         ["model", "judge BT", "95% CI", "human BT (95% CI)"], rating_rows),
     ]
 
 
@@ -114,4 +137,8 @@ def to_csv(report: StudyReport) -> str:
     for c in report.criteria:
         writer.writerow([f"criterion:{c.criterion}", c.model, c.other, c.win_rate, c.win_ci[0], c.win_ci[1], c.wins,
                          c.ties, c.losses, "" if c.sign_test_p is None else c.sign_test_p])
+    if report.judge is not None:
+        for r in report.judge.ratings:
+            writer.writerow(["judge_bradley_terry", r.model, report.judge.judge, r.rating, r.ci[0], r.ci[1], "", "",
+                             "", ""])  # fmt: skip
     return out.getvalue()

@@ -1,7 +1,8 @@
 """A study's results: ratings with intervals, head-to-head rates, rubric, agreement and warnings.
 
     build_study_report(votes, models=, criteria=) -> StudyReport      (pure: the votes in, figures out)
-    study_report(engine, name) -> StudyReport                         (reads the study from the store)
+    study_report(engine, name, judge=) -> StudyReport                 (reads the study from the store)
+    build_judge_summary(judge, judge_votes, human_votes) -> JudgeSummary   (an automatic judge beside them)
 
 The figures come from `ratings` and `agreement`; this module only assembles them and says what
 a reader should worry about: agreement under kappa 0.4, a side preferred more than chance
@@ -26,6 +27,17 @@ LOW_KAPPA = 0.4
 POSITION_BIAS_ALPHA = 0.01
 
 
+@dataclass(frozen=True, slots=True)
+class JudgeSummary:
+    """An automatic judge (`proxy.humaneval.judge`), kept apart from the humans' figures."""
+
+    judge: str  # the config's model name
+    votes: int  # both orders of each comparison count
+    agreement: agreement.PairKappa  # its per-comparison verdict (both orders combined) vs the human majority
+    ratings: list[ratings.Rating]  # Bradley-Terry over all its votes; [] when they cannot give one
+    cost_usd: float
+
+
 @dataclass(slots=True)
 class StudyReport:
     study: str
@@ -45,6 +57,7 @@ class StudyReport:
     position: ratings.PositionBias
     median_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    judge: JudgeSummary | None = None
 
 
 def build_study_report(
@@ -103,15 +116,48 @@ def _warnings(report: StudyReport) -> list[str]:
     return found
 
 
-def study_report(engine: sa.Engine, name: str, *, bootstrap: int = 1000) -> StudyReport:
-    """The report of a stored study; KeyError if there is no such study."""
+def build_judge_summary(
+    judge: str, judge_votes: list[Vote], human_votes: list[Vote], *, cost_usd: float = 0.0, bootstrap: int = 1000,
+    seed: int = 0,
+) -> JudgeSummary:
+    """The judge's agreement with the human majority and its own ratings, from its votes (evaluator "judge:...")."""
+    from proxy.humaneval.judge import consensus
+
+    humans = [v for v in human_votes if not v.evaluator.startswith(agreement.JUDGE_PREFIX)]
+    models = sorted({m for v in judge_votes for m in (v.model_a, v.model_b)})
+    try:
+        judged = ratings.bradley_terry(judge_votes, models, bootstrap=bootstrap, seed=seed) if len(models) >= 2 else []
+    except ValueError:  # models that never met: no common scale
+        judged = []
+    return JudgeSummary(judge=judge, votes=len(judge_votes),
+                        agreement=agreement.judge_agreement(consensus(judge_votes), humans), ratings=judged,
+                        cost_usd=cost_usd)  # fmt: skip
+
+
+def study_report(engine: sa.Engine, name: str, *, bootstrap: int = 1000, judge: str | None = None) -> StudyReport:
+    """The report of a stored study; KeyError if there is no such study.
+
+    With judge votes (of `judge`, or of the only judge there is when `judge` is None) `report.judge` is filled.
+    """
+    from proxy.humaneval import judge as judging
     from proxy.humaneval import studies
 
     summary = studies.get_study(engine, name)
     if summary is None:
         raise KeyError(name)
     criteria = {c.name: c.kind for c in summary.rubric.criteria}
-    return build_study_report(name, studies.study_votes(engine, name), criteria=criteria, bootstrap=bootstrap)
+    humans = studies.study_votes(engine, name)
+    report = build_study_report(name, humans, criteria=criteria, bootstrap=bootstrap)
+    present = judging.judges(engine, name)
+    if judge is None and len(present) > 1:
+        report.warnings.append(f"several judges voted ({', '.join(present)}): choose one with --judge")
+    chosen = judge if judge is not None else present[0] if len(present) == 1 else None
+    if chosen is not None and chosen in present:
+        report.judge = build_judge_summary(chosen, judging.judge_votes(engine, name, chosen), humans,
+                                           cost_usd=judging.judge_cost(engine, name, chosen), bootstrap=bootstrap)
+    elif judge is not None:
+        report.warnings.append(f"no votes by judge {judge!r} in this study")
+    return report
 
 
 def to_json(report: StudyReport) -> dict[str, Any]:
