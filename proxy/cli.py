@@ -237,11 +237,16 @@ def rollout_audit(experiment: str, limit: int, url: str | None, token: str | Non
 @click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Delay before the first byte.")
 @click.option("--tokens-per-s", type=float, default=0.0, show_default=True, help="Streaming pace; 0 = no pause.")
 @click.option("--api-key", envvar="MOCK_API_KEY", default=None, help="Require this bearer key [env MOCK_API_KEY].")
-def mock_upstream(port: int, name: str, host: str, latency_ms: float, tokens_per_s: float, api_key: str | None) -> None:
+@click.option("--fail-first", type=int, default=0, show_default=True,
+              help="Answer the first N requests 429 with Retry-After: 0 (to test retries).")
+def mock_upstream(
+    port: int, name: str, host: str, latency_ms: float, tokens_per_s: float, api_key: str | None, fail_first: int
+) -> None:
     """Run a small OpenAI-compatible server for demos, tests and benchmarks."""
     from proxy.mock_upstream import run
 
-    run(host=host, port=port, name=name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key)
+    run(host=host, port=port, name=name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key,
+        fail_first=fail_first)
 
 
 @main.command()

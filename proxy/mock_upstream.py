@@ -41,6 +41,7 @@ class MockState:
     latency_ms: float
     tokens_per_s: float
     api_key: str | None
+    fail_first: int = 0  # the next this-many POSTs answer 429 with Retry-After: 0 (retry tests)
     last_id: int = 0  # never reset, so ids stay unique for the life of the process
     requests: int = 0
     streams_started: int = 0
@@ -70,10 +71,11 @@ class _OpenAIError(Exception):
 
     def __init__(
         self, status: int, message: str, *, type_: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
+        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.body: JSON = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -114,7 +116,7 @@ def _v1(handler: _V1Handler) -> Callable[[web.Request], Awaitable[web.StreamResp
             await _prologue(request, ctx, parsed)
             resp = await handler(request, ctx)
         except _OpenAIError as err:
-            resp = web.json_response(err.body, status=err.status)
+            resp = web.json_response(err.body, status=err.status, headers=err.headers)
         if not resp.prepared:  # streams set these themselves before their first byte
             resp.headers.update(ctx.headers())
         return resp
@@ -127,6 +129,10 @@ async def _prologue(request: web.Request, ctx: _Ctx, parsed: Any) -> None:
     if state.api_key is not None and request.headers.get("Authorization") != f"Bearer {state.api_key}":
         raise _OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
     latency_ms = state.latency_ms
+    if request.method == "POST" and state.fail_first > 0:
+        state.fail_first -= 1
+        raise _OpenAIError(429, "mock rate limit", type_="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": "0"})
     if request.method == "POST":
         if parsed is _BAD_JSON or not isinstance(parsed, dict):
             raise _OpenAIError(400, "We could not parse the JSON body of your request.")
@@ -351,11 +357,12 @@ async def _reset(request: web.Request) -> web.Response:
 
 def build_app(
     name: str, *, latency_ms: float = 0.0, tokens_per_s: float = 0.0, api_key: str | None = None,
+    fail_first: int = 0,
 ) -> web.Application:
     """Build the mock upstream application (see module docstring for the endpoints)."""
     app = web.Application()
     app[STATE] = MockState(name=name, latency_ms=max(0.0, latency_ms),
-                           tokens_per_s=max(0.0, tokens_per_s), api_key=api_key)
+                           tokens_per_s=max(0.0, tokens_per_s), api_key=api_key, fail_first=max(0, fail_first))
     app.router.add_post("/v1/chat/completions", _v1(_chat))
     app.router.add_post("/v1/completions", _v1(_completions))
     app.router.add_post("/v1/embeddings", _v1(_embeddings))
@@ -368,10 +375,10 @@ def build_app(
 
 def run(
     *, host: str = "127.0.0.1", port: int, name: str, latency_ms: float = 0.0,
-    tokens_per_s: float = 0.0, api_key: str | None = None,
+    tokens_per_s: float = 0.0, api_key: str | None = None, fail_first: int = 0,
 ) -> None:
     """Serve a mock upstream until interrupted (blocking); backs ``abproxy mock-upstream``."""
-    app = build_app(name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key)
+    app = build_app(name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key, fail_first=fail_first)
 
     def announce(*_: Any) -> None:
         # run_app calls its ``print`` hook only after the sockets are bound, so whoever

@@ -228,3 +228,33 @@ class TestCli:
         assert study.returncode == 2 and study.stderr.count("\n") == 1 and "no study named 'missing'" in study.stderr
         report = self._abproxy(judged, "report", "s", "--judge", "judge", "--bootstrap", "0", "--format", "csv")
         assert report.returncode == 0 and "judge_bradley_terry,finetuned,judge" in report.stdout
+
+
+def test_rate_limits_are_retried_as_told(tmp_path: Path) -> None:
+    """A judge upstream that answers 429 (Retry-After: 0) to its first three calls: every vote still lands."""
+    flaky = MockUpstream("flaky", tmp_path, fail_first=3)
+    flaky.start()
+    try:
+        config = proxy_config(flaky, flaky)
+        config["models"]["judge"] = {"upstream": "up-base", "model": "judge-model", "pricing": PRICING}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        engine = engine_for(f"sqlite:///{tmp_path / 'store.db'}")
+        migrate(engine)
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_bytes(b"\n".join(orjson.dumps(row) for row in _pairs()) + b"\n")
+        clock = itertools.count(1000.0)
+        studies.import_jsonl(engine, pairs, now=next(clock))
+        studies.create_study(engine, "s", evaluators=["ann"], per_evaluator=4, overlap=0.0, seed=1, now=next(clock))
+        waits: list[float] = []
+
+        async def record(seconds: float) -> None:
+            waits.append(seconds)
+
+        run = asyncio.run(judge.run_judge(engine, load_settings(path, ENV), "s", "judge", concurrency=1,
+                                          now=lambda: next(clock), sleep=record))
+        engine.dispose()
+        assert (run.stored, run.failed) == (8, 0)  # 4 comparisons, both orders
+        assert flaky.stats()["requests"] == 8 + 3 and waits == [0.0, 0.0, 0.0]  # told to retry at once
+    finally:
+        flaky.stop()

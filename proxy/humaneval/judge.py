@@ -238,7 +238,8 @@ async def _ask(
         if status == 429 or status >= 500:
             if last:
                 raise ValueError(f"upstream answered {status} after {RETRIES} retries")
-            await sleep(_retry_after(headers) or 0.5 * 2**attempt)
+            delay = _retry_after(headers)  # "0" means now, not "absent"
+            await sleep(delay if delay is not None else 0.5 * 2**attempt)
             continue
         if status != 200:
             raise ValueError(f"upstream answered {status}: {payload[:120]!r}")
