@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -402,6 +403,23 @@ def store_migrate(config: str | None, store_url: str | None) -> None:
     click.echo(f"store {engine.url.render_as_string(hide_password=True)}: at revision {revision}")
 
 
+def _print_report(
+    fmt: str, result: Any, to_json: Callable[[Any], Any], to_markdown: Callable[[Any], str],
+    to_csv: Callable[[Any], str], to_table: Callable[[Any, Console], None],
+) -> None:
+    """One report in the chosen --format: the experiment report and the study report share this."""
+    import orjson
+
+    if fmt == "json":
+        click.echo(orjson.dumps(to_json(result), option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "markdown":
+        click.echo(to_markdown(result), nl=False)
+    elif fmt == "csv":
+        click.echo(to_csv(result), nl=False)
+    else:
+        to_table(result, console)
+
+
 # -- analysis: the report, and planning ------------------------------------------------------
 @main.command()
 @click.argument("experiment")
@@ -416,8 +434,6 @@ def report(
 ) -> None:
     """The experiment's outcomes, significance, sample-ratio check, power and verdict, from the store."""
     import time
-
-    import orjson
 
     from proxy.analysis.render import to_csv, to_json, to_markdown, to_table
     from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
@@ -437,14 +453,7 @@ def report(
         _fail(str(exc))
     finally:
         engine.dispose()
-    if fmt == "json":
-        click.echo(orjson.dumps(to_json(result), option=orjson.OPT_INDENT_2).decode())
-    elif fmt == "markdown":
-        click.echo(to_markdown(result), nl=False)
-    elif fmt == "csv":
-        click.echo(to_csv(result), nl=False)
-    else:
-        to_table(result, console)
+    _print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
 
 
 @main.group("stats")
@@ -728,7 +737,6 @@ def humaneval_report(
     study: str, fmt: str, bootstrap: int, judge: str | None, config: str | None, store_url: str | None
 ) -> None:
     """A study's ratings (Elo, Bradley-Terry with intervals), win rates, rubric results and agreement."""
-    import orjson
 
     from proxy.humaneval.render import to_csv, to_markdown, to_table
     from proxy.humaneval.report import study_report, to_json
@@ -742,14 +750,7 @@ def humaneval_report(
         _fail(f"no study named {study!r}")
     finally:
         engine.dispose()
-    if fmt == "json":
-        click.echo(orjson.dumps(to_json(result), option=orjson.OPT_INDENT_2).decode())
-    elif fmt == "markdown":
-        click.echo(to_markdown(result), nl=False)
-    elif fmt == "csv":
-        click.echo(to_csv(result), nl=False)
-    else:
-        to_table(result, console)
+    _print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
 
 
 @humaneval.command("judge")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from proxy.humaneval.ratings import Vote
 from proxy.humaneval.rubric import Criterion, Rubric
 from proxy.store.db import engine_for, migrate
 from proxy.store.schema import comparisons
+from tests.harness import MockUpstream, ProxyServer, proxy_config
 
 MODELS = ("orca-base-7b", "sales-ft-v2")
 RUBRIC = Rubric(
@@ -144,3 +147,16 @@ def votes_of(url: str, study: str) -> list[Vote]:
         return studies.study_votes(engine, study)
     finally:
         engine.dispose()
+
+
+@contextmanager
+def proxy_with_store(
+    upstreams: tuple[MockUpstream, MockUpstream], redis_url: str, log_dir: Path, store: str
+) -> Iterator[ProxyServer]:
+    """A proxy process serving /eval from `store` (the eval web and browser tests share it)."""
+    proxy = ProxyServer(proxy_config(*upstreams), log_dir, redis_url, extra_env={"ABPROXY_STORE_URL": store})
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.eval_site import PAIRS, Study, new_study, prepared_store, votes_of
-from tests.harness import MockUpstream, ProxyServer, RedisServer, proxy_config
+from tests.eval_site import PAIRS, Study, new_study, prepared_store, proxy_with_store, votes_of
+from tests.harness import MockUpstream, ProxyServer, RedisServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -57,13 +57,8 @@ def server(
     upstreams: tuple[MockUpstream, MockUpstream], redis_server: RedisServer, store: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ProxyServer]:  # fmt: skip
-    proxy = ProxyServer(
-        proxy_config(*upstreams), tmp_path_factory.mktemp("browser-proxy"), redis_server.url,
-        extra_env={"ABPROXY_STORE_URL": store},
-    )  # fmt: skip
-    proxy.start()
-    yield proxy
-    proxy.stop()
+    with proxy_with_store(upstreams, redis_server.url, tmp_path_factory.mktemp("browser-proxy"), store) as proxy:
+        yield proxy
 
 
 @pytest.fixture()

@@ -17,7 +17,16 @@ import pytest
 
 from proxy.humaneval.rubric import Rubric
 from proxy.humaneval.web import VoteFormError, parse_vote_form
-from tests.eval_site import MODELS, RUBRIC, Study, comparison_ids, new_study, prepared_store, votes_of
+from tests.eval_site import (
+    MODELS,
+    RUBRIC,
+    Study,
+    comparison_ids,
+    new_study,
+    prepared_store,
+    proxy_with_store,
+    votes_of,
+)
 from tests.harness import (
     ADMIN_TOKEN,
     MockUpstream,
@@ -42,13 +51,8 @@ def server(
     upstreams: tuple[MockUpstream, MockUpstream], redis_server: RedisServer, store: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ProxyServer]:  # fmt: skip
-    proxy = ProxyServer(
-        proxy_config(*upstreams), tmp_path_factory.mktemp("eval-proxy"), redis_server.url,
-        extra_env={"ABPROXY_STORE_URL": store},
-    )  # fmt: skip
-    proxy.start()
-    yield proxy
-    proxy.stop()
+    with proxy_with_store(upstreams, redis_server.url, tmp_path_factory.mktemp("eval-proxy"), store) as proxy:
+        yield proxy
 
 
 @pytest.fixture()

@@ -31,12 +31,11 @@ def report_from_store(
     """Raises KeyError for an unknown experiment, StoreNotReady when the store cannot be read."""
     if experiment not in settings.experiments:
         raise KeyError(experiment)
-    start, end = since, until
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table("requests"):
                 raise StoreNotReady("the store has no tables yet: run `abproxy collect` (or `abproxy store migrate`)")
-            return build_report(conn, settings, experiment, since=start, until=end, now=now)
+            return build_report(conn, settings, experiment, since=since, until=until, now=now)
     except SQLAlchemyError as exc:
         detail = str(exc.args[0]).splitlines()[0] if exc.args else ""
         raise StoreNotReady(f"the store cannot be read: {type(exc).__name__}: {detail}") from None
