@@ -28,10 +28,22 @@ ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEYS = {"base": "sk-base-secret-0001", "finetuned": "sk-ft-secret-0002"}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never one this test run handed out already.
+
+    The kernel may offer a just-released port again; two callers that have not bound theirs yet
+    (a proxy's port and its metrics_port) would then collide.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
