@@ -1,48 +1,47 @@
 """The `abproxy` command line: serve, assign, rollout, events, collect, store, report, stats, traffic,
-mock-upstream, demo, humaneval."""
+mock-upstream, demo, humaneval, eval (in `proxy.cli_eval`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 import httpx
-from rich.console import Console
 from rich.table import Table
 
-from proxy.config import ConfigError, Settings, config_path, load_settings
+from proxy.cli_common import (
+    base_url_option,
+    config_option,
+    console,
+    eval_link,
+    fail,
+    load_config,
+    migrate_store,
+    migrated_store,
+    print_report,
+    print_study,
+    store_engine,
+    store_option,
+)
+from proxy.cli_eval import eval_group
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from sqlalchemy import Engine
 
+    from proxy.config import Settings
     from proxy.humaneval.studies import ImportResult
-
-# Piped output (scripts, CI logs) gets wide tables instead of truncated cells.
-console = Console(width=None if sys.stdout.isatty() else 200)
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(message, err=True)
-    sys.exit(2)
-
-
-def _settings(config: str | None, *, upstream_keys: bool = True) -> tuple[str, Settings]:
-    try:
-        path = config_path(config)
-        return path, load_settings(path, upstream_keys=upstream_keys)
-    except ConfigError as exc:
-        _fail(str(exc))
 
 
 @click.group()
 @click.version_option(package_name="llm-ab-proxy")
 def main() -> None:
     """llm-ab-proxy: an OpenAI-compatible gateway that A/B tests a fine-tuned model against its base."""
+
+
+main.add_command(eval_group)
 
 
 @main.command()
@@ -59,7 +58,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
     from proxy.logs import configure_logging
     from proxy.metrics import multiprocess_dir, prepare_multiprocess_dir
 
-    path, settings = _settings(config)
+    path, settings = load_config(config)
     configure_logging(log_level)
     workers = workers or settings.server.workers
     options: dict[str, Any] = {
@@ -74,7 +73,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
     }
     metrics_port = settings.server.metrics_port
     if metrics_port is not None and metrics_port == options["port"]:
-        _fail(f"config error: server.metrics_port: must differ from the serving port ({metrics_port})")
+        fail(f"config error: server.metrics_port: must differ from the serving port ({metrics_port})")
     if workers > 1 or multiprocess_dir() is not None:
         # prometheus-client is in multiprocess mode whenever the variable is set, one worker
         # too: that directory must exist and hold no earlier run's files before metrics exist.
@@ -99,7 +98,7 @@ def _metrics_port(host: str, port: int | None, registry: CollectorRegistry | Non
     try:
         serve_metrics_port(host, port, registry)
     except OSError as exc:
-        _fail(f"config error: server.metrics_port: cannot listen on {host}:{port}: {exc.strerror}")
+        fail(f"config error: server.metrics_port: cannot listen on {host}:{port}: {exc.strerror}")
 
 
 @main.command()
@@ -111,10 +110,10 @@ def assign(experiment: str, user_id: str, config: str | None) -> None:
     from proxy.assignment import bucket, choose_variant, threshold
     from proxy.experiments import Router
 
-    _, settings = _settings(config, upstream_keys=False)
+    _, settings = load_config(config, upstream_keys=False)
     exp = Router(settings).experiments.get(experiment)
     if exp is None:
-        _fail(f"unknown experiment {experiment!r}; known: {', '.join(sorted(settings.experiments))}")
+        fail(f"unknown experiment {experiment!r}; known: {', '.join(sorted(settings.experiments))}")
     percent, source = asyncio.run(_live_percent(settings, experiment, exp.default_percent))
     b = bucket(exp.salt, user_id)
     variant = choose_variant(b, threshold(percent))
@@ -131,7 +130,7 @@ async def _live_percent(settings: Settings, experiment: str, default: float) -> 
     try:
         state = await RolloutStore(client, {experiment: default}).get(experiment)
     except StateUnavailable:
-        _fail(f"cannot read the live percent: Redis at {settings.redis_url} is unreachable")
+        fail(f"cannot read the live percent: Redis at {settings.redis_url} is unreachable")
     finally:
         await client.aclose()
     return state.percent, "live" if state.source == "redis" else "config default: Redis holds no value"
@@ -142,7 +141,7 @@ def _admin_client(url: str | None, token: str | None) -> httpx.Client:
     base = url or os.environ.get("ABPROXY_URL", "http://127.0.0.1:8080")
     token = token or os.environ.get("ABPROXY_ADMIN_TOKEN")
     if not token:
-        _fail("no admin token: set ABPROXY_ADMIN_TOKEN or pass --token")
+        fail("no admin token: set ABPROXY_ADMIN_TOKEN or pass --token")
     actor = os.environ.get("USER") or "cli"
     return httpx.Client(
         base_url=base, timeout=10, headers={"Authorization": f"Bearer {token}", "X-Abproxy-Actor": actor}
@@ -153,13 +152,13 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach the proxy at {client.base_url}: {exc}")
+        fail(f"cannot reach the proxy at {client.base_url}: {exc}")
     if response.status_code >= 400:
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text
-        _fail(f"error {response.status_code}: {message}")
+        fail(f"error {response.status_code}: {message}")
     return response.json()
 
 
@@ -239,15 +238,32 @@ def rollout_audit(experiment: str, limit: int, url: str | None, token: str | Non
 @click.option("--tokens-per-s", type=float, default=0.0, show_default=True, help="Streaming pace; 0 = no pause.")
 @click.option("--api-key", envvar="MOCK_API_KEY", default=None, help="Require this bearer key [env MOCK_API_KEY].")
 @click.option("--fail-first", type=int, default=0, show_default=True,
-              help="Answer the first N requests 429 with Retry-After: 0 (to test retries).")
+              help="Answer the first N requests --fail-status with --retry-after (to test retries).")
+@click.option("--fail-status", type=click.IntRange(400, 599), default=429, show_default=True,
+              help="HTTP status (4xx or 5xx) of the --fail-first failures.")
+@click.option("--retry-after", default="0", show_default=True,
+              help='Retry-After header of the --fail-first failures; "" sends none.')
+@click.option("--answers", "answers_file", type=click.Path(dir_okay=False), default=None,
+              help="Test set (OpenAI fine-tuning chat JSONL) whose prompts get its expected answers, --skill of "
+                   "the time; a deterministic wrong answer otherwise.")  # fmt: skip
+@click.option("--skill", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="Share of --answers prompts answered exactly (which ones: a hash of --name and the prompt).")
 def mock_upstream(
-    port: int, name: str, host: str, latency_ms: float, tokens_per_s: float, api_key: str | None, fail_first: int
+    port: int, name: str, host: str, latency_ms: float, tokens_per_s: float, api_key: str | None, fail_first: int,
+    fail_status: int, retry_after: str, answers_file: str | None, skill: float,
 ) -> None:
     """Run a small OpenAI-compatible server for demos, tests and benchmarks."""
-    from proxy.mock_upstream import run
+    from proxy.mock_upstream import load_answers, run
 
+    answers = None
+    if answers_file is not None:
+        try:
+            answers = load_answers(answers_file)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise click.ClickException(f"--answers {answers_file}: {reason}") from None
     run(host=host, port=port, name=name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key,
-        fail_first=fail_first)
+        fail_first=fail_first, fail_status=fail_status, retry_after=retry_after, answers=answers, skill=skill)
 
 
 @main.command()
@@ -261,7 +277,7 @@ def demo(users: int, requests_per_user: int, concurrency: int) -> None:
     try:
         run_demo(users, requests_per_user, concurrency)
     except RuntimeError as exc:
-        _fail(f"demo failed: {exc}")
+        fail(f"demo failed: {exc}")
 
 
 # -- events: the per-request event stream in Redis ------------------------------------------
@@ -283,7 +299,7 @@ def events_tail(config: str | None, experiment: str | None, variant: str | None,
     from proxy.event_stream import StreamEvent
     from proxy.events_tail import follow, format_line, matches
 
-    _, settings = _settings(config, upstream_keys=False)
+    _, settings = load_config(config, upstream_keys=False)
     stream = settings.events.redis_stream
     if not stream.enabled:
         click.echo("note: events.redis_stream.enabled is false in this config; waiting for events anyway", err=True)
@@ -299,46 +315,13 @@ def events_tail(config: str | None, experiment: str | None, variant: str | None,
 
 
 # -- collect and store: the event stream into the durable store the analysis reads ----------
-_store_url = click.option(
-    "--store", "store_url", default=None, help="Store URL [env ABPROXY_STORE_URL, config store.url]."
-)
-
-
-def _store_engine(url: str) -> Engine:
-    from proxy.store.db import engine_for
-
-    try:
-        return engine_for(url)
-    except ValueError as exc:
-        _fail(f"config error: store.url: {exc}")
-
-
-def _migrate(engine: Engine) -> str | None:
-    """Upgrade the store to the newest revision; returns it."""
-    import logging
-
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from proxy.store.collector import error_line
-    from proxy.store.db import current_revision, migrate
-
-    # Alembic narrates each step in plain text; stderr carries JSON lines, and the revision
-    # reached is logged (or printed) once by the caller instead.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    try:
-        migrate(engine)
-        return current_revision(engine)
-    except SQLAlchemyError as exc:
-        engine.dispose()
-        shown = engine.url.render_as_string(hide_password=True)
-        _fail(f"cannot migrate the store at {shown}: {error_line(exc)}")
 
 
 @main.command()
 @click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
 @click.option("--consumer", default=None, help="This collector's name in the consumer group [hostname-pid].")
 @click.option("--once", is_flag=True, help="Store what the stream holds now, then exit.")
-@_store_url
+@store_option
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def collect(config: str | None, consumer: str | None, once: bool, store_url: str | None, log_level: str) -> None:
     """Write the event stream's requests and feedback to the store, until SIGTERM (or drained, with --once)."""
@@ -352,10 +335,10 @@ def collect(config: str | None, consumer: str | None, once: bool, store_url: str
     from proxy.store.collector import collect as collect_events
     from proxy.store.db import Store
 
-    _, settings = _settings(config, upstream_keys=False)
-    engine = _store_engine(store_url or settings.store.url)
+    _, settings = load_config(config, upstream_keys=False)
+    engine = store_engine(store_url or settings.store.url)
     configure_logging(log_level)
-    revision = _migrate(engine)
+    revision = migrate_store(engine)
     structlog.get_logger("abproxy").info(
         "store_ready", store=engine.url.render_as_string(hide_password=True), revision=revision
     )
@@ -379,7 +362,7 @@ def collect(config: str | None, consumer: str | None, once: bool, store_url: str
     try:
         asyncio.run(run())
     except (RedisError, OSError, SQLAlchemyError) as exc:  # only --once lets an error out
-        _fail(f"collect failed: {error_line(exc)}")
+        fail(f"collect failed: {error_line(exc)}")
     finally:
         engine.dispose()
 
@@ -391,33 +374,17 @@ def store_group() -> None:
 
 @store_group.command("migrate")
 @click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
-@_store_url
+@store_option
 def store_migrate(config: str | None, store_url: str | None) -> None:
     """Create or upgrade the store's tables to the newest revision, and print it."""
     if store_url is None:
-        store_url = _settings(config, upstream_keys=False)[1].store.url
+        store_url = load_config(config, upstream_keys=False)[1].store.url
     # With --store, no config file is read: nothing else in it matters here.
-    engine = _store_engine(store_url)
-    revision = _migrate(engine)
+    engine = store_engine(store_url)
+    revision = migrate_store(engine)
     engine.dispose()
     click.echo(f"store {engine.url.render_as_string(hide_password=True)}: at revision {revision}")
 
-
-def _print_report(
-    fmt: str, result: Any, to_json: Callable[[Any], Any], to_markdown: Callable[[Any], str],
-    to_csv: Callable[[Any], str], to_table: Callable[[Any, Console], None],
-) -> None:
-    """One report in the chosen --format: the experiment report and the study report share this."""
-    import orjson
-
-    if fmt == "json":
-        click.echo(orjson.dumps(to_json(result), option=orjson.OPT_INDENT_2).decode())
-    elif fmt == "markdown":
-        click.echo(to_markdown(result), nl=False)
-    elif fmt == "csv":
-        click.echo(to_csv(result), nl=False)
-    else:
-        to_table(result, console)
 
 
 # -- analysis: the report, and planning ------------------------------------------------------
@@ -428,7 +395,7 @@ def _print_report(
 @click.option("--until", default=None, help="Window end, same forms [now].")
 @click.option("--format", "fmt", default="table", show_default=True,
               type=click.Choice(["table", "markdown", "json", "csv"]))
-@_store_url
+@store_option
 def report(
     experiment: str, config: str | None, since: str | None, until: str | None, fmt: str, store_url: str | None
 ) -> None:
@@ -438,22 +405,22 @@ def report(
     from proxy.analysis.render import to_csv, to_json, to_markdown, to_table
     from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
 
-    _, settings = _settings(config, upstream_keys=False)
+    _, settings = load_config(config, upstream_keys=False)
     if experiment not in settings.experiments:
-        _fail(f"no experiment named {experiment!r} (configured: {', '.join(sorted(settings.experiments))})")
+        fail(f"no experiment named {experiment!r} (configured: {', '.join(sorted(settings.experiments))})")
     now = time.time()
     try:
         start, end = parse_bounds(since, until, now)
     except ValueError as exc:
-        _fail(f"--{exc}")
-    engine = _store_engine(store_url or settings.store.url)
+        fail(f"--{exc}")
+    engine = store_engine(store_url or settings.store.url)
     try:
         result = report_from_store(engine, settings, experiment, since=start, until=end, now=now)
     except StoreNotReady as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         engine.dispose()
-    _print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
+    print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
 
 
 @main.group("stats")
@@ -480,9 +447,9 @@ def stats_sample_size(
     from proxy.analysis.stats import sample_size_means, sample_size_proportions
 
     if (baseline is None) == (sd is None):
-        _fail("give --baseline (a rate metric) or --sd (a mean metric)")
+        fail("give --baseline (a rate metric) or --sd (a mean metric)")
     if not 0 < treatment_share < 1:
-        _fail("--treatment-share must be between 0 and 1 (exclusive)")
+        fail("--treatment-share must be between 0 and 1 (exclusive)")
     ratio = treatment_share / (1 - treatment_share)
     try:
         if baseline is not None:
@@ -493,7 +460,7 @@ def stats_sample_size(
             control = sample_size_means(sd, mde, alpha=alpha, power=power, ratio=ratio)
             what = f"a mean change of {mde:g} with sd {sd:g}"
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     treatment = math.ceil(control * ratio)
     click.echo(f"to detect {what} at alpha {alpha:g} with power {power:.0%}:")
     click.echo(f"  control   {control:>8,} users")
@@ -525,14 +492,14 @@ def traffic(
     from proxy.traffic import TrafficPlan, run_traffic
 
     if rps <= 0 or users < 1 or not 0 <= stream_share <= 1:
-        _fail("--rps must be > 0, --users >= 1 and --stream-share within 0..1")
+        fail("--rps must be > 0, --users >= 1 and --stream-share within 0..1")
     try:
         percents = tuple(float(p) for p in ramp.split(",") if p.strip())
     except ValueError:
-        _fail(f"--ramp must be comma-separated numbers, got {ramp!r}")
+        fail(f"--ramp must be comma-separated numbers, got {ramp!r}")
     token = os.environ.get("ABPROXY_ADMIN_TOKEN")
     if percents and not token:
-        _fail("--ramp changes the rollout through the admin API: set ABPROXY_ADMIN_TOKEN")
+        fail("--ramp changes the rollout through the admin API: set ABPROXY_ADMIN_TOKEN")
     plan = TrafficPlan(
         base_url=base_url, model=model, rps=rps, users=users, stream_share=stream_share, duration_s=duration,
         ramp=percents, ramp_every_s=ramp_every, admin_url=admin_url or base_url.removesuffix("/v1"),
@@ -551,22 +518,8 @@ def humaneval() -> None:
     """Blind human comparison: import answer pairs, build studies, hand out evaluators' links."""
 
 
-_config = click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
-_base_url = click.option("--base-url", default="http://127.0.0.1:8080", show_default=True,
-                         help="Where evaluators reach the proxy (or `abproxy humaneval serve`).")
 
 
-def _humaneval_engine(config: str | None, store_url: str | None) -> Engine:
-    """The migrated store; with --store no config file is read, as for `store migrate`."""
-    if store_url is None:
-        store_url = _settings(config, upstream_keys=False)[1].store.url
-    engine = _store_engine(store_url)
-    _migrate(engine)
-    return engine
-
-
-def _eval_link(base_url: str, token: str) -> str:
-    return f"{base_url.rstrip('/')}/eval/s/{token}"
 
 
 def _import_pairs(engine: Engine, file: str, source: str | None) -> ImportResult:
@@ -578,10 +531,10 @@ def _import_pairs(engine: Engine, file: str, source: str | None) -> ImportResult
     try:
         result = import_jsonl(engine, file, source=source, now=time.time())
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not result.parsed:
         first = f": line {result.errors[0][0]}: {result.errors[0][1]}" if result.errors else ""
-        _fail(f"no valid comparison in {file} ({len(result.errors)} line(s) with errors{first})")
+        fail(f"no valid comparison in {file} ({len(result.errors)} line(s) with errors{first})")
     click.echo(f"imported {file} as {result.source}: {result.added} added, {result.duplicates} duplicate(s), "
                f"{len(result.flagged)} flagged, {len(result.errors)} error(s)")  # fmt: skip
     if result.flagged:
@@ -598,19 +551,19 @@ def _import_pairs(engine: Engine, file: str, source: str | None) -> ImportResult
 @humaneval.command("import")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--source", default=None, help="Name the comparisons' source [import:<file name>].")
-@_config
-@_store_url
+@config_option
+@store_option
 def humaneval_import(file: str, source: str | None, config: str | None, store_url: str | None) -> None:
     """Store FILE's comparisons (JSONL: {prompt, responses: {model: text, ...}} per line); repeats add nothing."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from proxy.store.collector import error_line
 
-    engine = _humaneval_engine(config, store_url)
+    engine = migrated_store(config, store_url)
     try:
         _import_pairs(engine, file, source)
     except SQLAlchemyError as exc:
-        _fail(f"import failed: {error_line(exc)}")
+        fail(f"import failed: {error_line(exc)}")
     finally:
         engine.dispose()
 
@@ -626,9 +579,9 @@ def humaneval_import(file: str, source: str | None, config: str | None, store_ur
 @click.option("--rubric", "rubric_file", default=None, type=click.Path(dir_okay=False), help="Rubric YAML file.")
 @click.option("--models", default=None, help="Compare these two, e.g. base,finetuned [each comparison's models].")
 @click.option("--seed", type=int, default=None, help="Seed of the assignment [random, and printed].")
-@_base_url
-@_config
-@_store_url
+@base_url_option
+@config_option
+@store_option
 def humaneval_create_study(
     name: str, from_file: str | None, evaluators: str, per_evaluator: int, overlap: float, rubric_file: str | None,
     models: str | None, seed: int | None, base_url: str, config: str | None, store_url: str | None,
@@ -647,70 +600,62 @@ def humaneval_create_study(
     if models is not None:
         given = [m.strip() for m in models.split(",")]
         if len(given) != 2 or not all(given):
-            _fail(f"--models needs two comma-separated model names, got {models!r}")
+            fail(f"--models needs two comma-separated model names, got {models!r}")
         pair = (given[0], given[1])
     try:
         rubric = load_rubric(rubric_file) if rubric_file else None
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     # A recorded random seed: two studies differ, and either can be rebuilt.
     seed = secrets.randbelow(2**31) if seed is None else seed
-    engine = _humaneval_engine(config, store_url)
+    engine = migrated_store(config, store_url)
     try:
         source = _import_pairs(engine, from_file, None).source if from_file else None
         created = create_study(engine, name, evaluators=names, per_evaluator=per_evaluator, overlap=overlap,
                                models=pair, rubric=rubric, seed=seed, source=source, now=time.time())  # fmt: skip
     except ValueError as exc:
-        _fail(f"cannot create study {name!r}: {exc}")
+        fail(f"cannot create study {name!r}: {exc}")
     except SQLAlchemyError as exc:
-        _fail(f"cannot create study {name!r}: {error_line(exc)}")
+        fail(f"cannot create study {name!r}: {error_line(exc)}")
     finally:
         engine.dispose()
-    flagged = f" ({created.excluded_flagged} flagged left out)" if created.excluded_flagged else ""
-    click.echo(f"study {name}: {len(names)} evaluator(s) x {per_evaluator} tasks, {created.comparisons} "
-               f"comparisons{flagged}, seed {seed}")  # fmt: skip
-    click.echo(f"overlap: {created.overlap_share:.1%} of the comparisons go to two or more evaluators "
-               f"(asked at least {overlap:.1%})")  # fmt: skip
-    click.echo("personal links (shown once: the store keeps only a hash of each; "
-               f"`abproxy humaneval link {name} EVALUATOR` makes a new one):")  # fmt: skip
-    width = max(len(e) for e in created.links)
-    for evaluator, token in created.links.items():
-        click.echo(f"  {evaluator:<{width}}  {_eval_link(base_url, token)}")
+    print_study(created, per_evaluator, overlap, seed, base_url)
+
 
 
 @humaneval.command("link")
 @click.argument("study")
 @click.argument("evaluator")
-@_base_url
-@_config
-@_store_url
+@base_url_option
+@config_option
+@store_option
 def humaneval_link(study: str, evaluator: str, base_url: str, config: str | None, store_url: str | None) -> None:
     """A new personal link for EVALUATOR; their previous link stops working, a revoked one is reopened."""
     from proxy.humaneval.studies import new_link
 
-    engine = _humaneval_engine(config, store_url)
+    engine = migrated_store(config, store_url)
     try:
         token = new_link(engine, study, evaluator)
     except KeyError:
-        _fail(f"no evaluator {evaluator!r} in study {study!r}")
+        fail(f"no evaluator {evaluator!r} in study {study!r}")
     finally:
         engine.dispose()
-    click.echo(f"{study} / {evaluator}: {_eval_link(base_url, token)}")
+    click.echo(f"{study} / {evaluator}: {eval_link(base_url, token)}")
     click.echo("shown once: the store keeps only a hash; the previous link no longer works")
 
 
 @humaneval.command("revoke")
 @click.argument("study")
 @click.argument("evaluator")
-@_config
-@_store_url
+@config_option
+@store_option
 def humaneval_revoke(study: str, evaluator: str, config: str | None, store_url: str | None) -> None:
     """Close EVALUATOR's link (their votes stay); `humaneval link` opens a new one."""
     import time
 
     from proxy.humaneval.studies import get_study, revoke
 
-    engine = _humaneval_engine(config, store_url)
+    engine = migrated_store(config, store_url)
     try:
         if revoke(engine, study, evaluator, now=time.time()):
             click.echo(f"{study} / {evaluator}: link revoked")
@@ -719,9 +664,9 @@ def humaneval_revoke(study: str, evaluator: str, config: str | None, store_url: 
     finally:
         engine.dispose()
     if summary is None:
-        _fail(f"no study named {study!r}")
+        fail(f"no study named {study!r}")
     if not any(e.name == evaluator for e in summary.evaluators):
-        _fail(f"no evaluator {evaluator!r} in study {study!r}")
+        fail(f"no evaluator {evaluator!r} in study {study!r}")
     click.echo(f"{study} / {evaluator}: link already revoked")
 
 
@@ -731,8 +676,8 @@ def humaneval_revoke(study: str, evaluator: str, config: str | None, store_url: 
               type=click.Choice(["table", "markdown", "json", "csv"]))
 @click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap rounds for the rating intervals.")
 @click.option("--judge", default=None, help="Show this automatic judge's votes [the only judge, if one voted].")
-@_config
-@_store_url
+@config_option
+@store_option
 def humaneval_report(
     study: str, fmt: str, bootstrap: int, judge: str | None, config: str | None, store_url: str | None
 ) -> None:
@@ -742,15 +687,15 @@ def humaneval_report(
     from proxy.humaneval.report import study_report, to_json
 
     if bootstrap < 0:
-        _fail("--bootstrap must be >= 0")
-    engine = _humaneval_engine(config, store_url)
+        fail("--bootstrap must be >= 0")
+    engine = migrated_store(config, store_url)
     try:
         result = study_report(engine, study, bootstrap=bootstrap, judge=judge)
     except KeyError:
-        _fail(f"no study named {study!r}")
+        fail(f"no study named {study!r}")
     finally:
         engine.dispose()
-    _print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
+    print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
 
 
 @humaneval.command("judge")
@@ -758,8 +703,8 @@ def humaneval_report(
 @click.option("--model", "model", required=True, help="The judge: a model name from the config.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True, help="Calls in flight.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True, help="Per answer.")
-@_config
-@_store_url
+@config_option
+@store_option
 def humaneval_judge(
     study: str, model: str, concurrency: int, max_tokens: int, config: str | None, store_url: str | None
 ) -> None:
@@ -770,10 +715,10 @@ def humaneval_judge(
 
     from proxy.humaneval.judge import run_judge
 
-    _, settings = _settings(config)  # with the upstream keys: the judge is called through its upstream
+    _, settings = load_config(config)  # with the upstream keys: the judge is called through its upstream
     if model not in settings.models:
-        _fail(f"no model named {model!r} in the config (models: {', '.join(sorted(settings.models))})")
-    engine = _humaneval_engine(config, store_url)
+        fail(f"no model named {model!r} in the config (models: {', '.join(sorted(settings.models))})")
+    engine = migrated_store(config, store_url)
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"judging {study} with {model}", total=None)
@@ -782,7 +727,7 @@ def humaneval_judge(
                 progress=lambda n, total: bar.update(task, completed=n, total=total),
             ))  # fmt: skip
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         engine.dispose()
     click.echo(f"judge {model} on {study}: {done.asked} asked, {done.stored} stored, "
@@ -792,8 +737,8 @@ def humaneval_judge(
 
 
 @humaneval.command("studies")
-@_config
-@_store_url
+@config_option
+@store_option
 def humaneval_studies(config: str | None, store_url: str | None) -> None:
     """Studies, newest first, with each evaluator's progress."""
     from datetime import UTC, datetime
@@ -803,7 +748,7 @@ def humaneval_studies(config: str | None, store_url: str | None) -> None:
     def when(ts: float | None) -> str:
         return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
-    engine = _humaneval_engine(config, store_url)
+    engine = migrated_store(config, store_url)
     try:
         found = list_studies(engine)
     finally:
@@ -821,8 +766,8 @@ def humaneval_studies(config: str | None, store_url: str | None) -> None:
 
 
 @humaneval.command("serve")
-@_config
-@_store_url
+@config_option
+@store_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -838,19 +783,20 @@ def humaneval_serve(config: str | None, store_url: str | None, host: str, port: 
     from proxy.logs import configure_logging
 
     if store_url is None and config is None:
-        _fail("give --store URL, or --config FILE (its store.url) [env ABPROXY_CONFIG]")
-    settings = None if store_url is not None and config is None else _settings(config, upstream_keys=False)[1]
+        fail("give --store URL, or --config FILE (its store.url) [env ABPROXY_CONFIG]")
+    settings = None if store_url is not None and config is None else load_config(config, upstream_keys=False)[1]
     url = store_url or (settings.store.url if settings else "")
     admin_token = settings.admin_token if settings else os.environ.get("ABPROXY_ADMIN_TOKEN") or None
-    _humaneval_engine(None, url).dispose()  # migrated before the first page, so a page never meets a missing table
+    migrated_store(None, url).dispose()  # migrated before the first page, so a page never meets a missing table
     configure_logging(log_level)
     try:
         app = create_eval_app(url, admin_token=admin_token)
     except ValueError as exc:
-        _fail(f"config error: store.url: {exc}")
+        fail(f"config error: store.url: {exc}")
     # No access log: an evaluator's secret is in the path of every request they make.
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False, log_level=log_level)
 
 
 if __name__ == "__main__":
     main()
+

@@ -22,13 +22,13 @@ import orjson
 from sqlalchemy import Engine, select
 
 from proxy.config import Settings
-from proxy.errors import UpstreamError
 from proxy.humaneval.insert import insert_for
 from proxy.humaneval.rubric import Rubric
 from proxy.humaneval.summaries import get_study
+from proxy.model_calls import ModelCallError, ask_chat, usage_tokens
 from proxy.store.schema import comparisons, tasks
 from proxy.store.schema import judge_votes as judge_table
-from proxy.upstream import RawHeaders, UpstreamPool
+from proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from proxy.humaneval.ratings import Vote
@@ -51,8 +51,6 @@ JUDGE_PROMPT = (
     "[Criteria]\n{criteria}\n[End of Criteria]",
 )
 SIDES = ("ab", "ba")
-RETRIES = 3
-_RETRY_AFTER_MAX_S = 60.0
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
@@ -167,16 +165,15 @@ async def run_judge(
                              "max_tokens": max_tokens, "response_format": {"type": "json_object"}})  # fmt: skip
         async with semaphore:
             try:
-                text, usage = await _ask(pool, model.upstream, body, sleep)
-                spent = model.pricing.cost_usd(int(usage.get("prompt_tokens") or 0),
-                                               int(usage.get("completion_tokens") or 0))  # fmt: skip
+                answer = await ask_chat(pool, model.upstream, body, sleep=sleep)
+                spent = model.pricing.cost_usd(*usage_tokens(answer.usage))
                 cost += spent
-                verdict = parse_verdict(text, summary.rubric)
-            except (ValueError, UpstreamError) as exc:
+                verdict = parse_verdict(answer.text, summary.rubric)
+            except (ValueError, ModelCallError) as exc:
                 failed += 1
                 first_error = first_error or f"{job.comparison_id} ({job.sides}): {exc}"
             else:
-                _store(engine, study, judge_model, job, verdict, text, spent, now())
+                _store(engine, study, judge_model, job, verdict, answer.text, spent, now())
                 stored += 1
             done += 1
             if progress is not None:
@@ -220,47 +217,6 @@ def _jobs(engine: Engine, study: str, judge: str, rubric: Rubric) -> tuple[list[
             messages = render_messages(prompt, responses[left], responses[right], rubric)
             jobs.append(_Job(cid, sides, left, right, messages))
     return jobs, skipped
-
-
-async def _ask(
-    pool: UpstreamPool, upstream: str, body: bytes, sleep: Callable[[float], Any]
-) -> tuple[str, dict[str, Any]]:
-    """The answer's text and usage; retries 429 and 5xx (and transport errors) RETRIES times."""
-    for attempt in range(RETRIES + 1):
-        last = attempt == RETRIES
-        try:
-            status, headers, payload = await pool.fetch(upstream, "/chat/completions", body, {})
-        except UpstreamError:
-            if last:
-                raise
-            await sleep(0.5 * 2**attempt)
-            continue
-        if status == 429 or status >= 500:
-            if last:
-                raise ValueError(f"upstream answered {status} after {RETRIES} retries")
-            delay = _retry_after(headers)  # "0" means now, not "absent"
-            await sleep(delay if delay is not None else 0.5 * 2**attempt)
-            continue
-        if status != 200:
-            raise ValueError(f"upstream answered {status}: {payload[:120]!r}")
-        try:
-            data = orjson.loads(payload)
-            text = data["choices"][0]["message"]["content"]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise ValueError(f"not a chat completion: {payload[:80]!r}") from None
-        usage = data.get("usage")
-        return str(text or ""), usage if isinstance(usage, dict) else {}
-    raise AssertionError("unreachable")
-
-
-def _retry_after(headers: RawHeaders) -> float | None:
-    for name, value in headers:
-        if name.lower() == b"retry-after":
-            try:
-                return min(max(float(value), 0.0), _RETRY_AFTER_MAX_S)
-            except ValueError:
-                return None  # an HTTP date: fall back to the backoff
-    return None
 
 
 def _store(engine: Engine, study: str, judge: str, job: _Job, verdict: Verdict, raw: str, cost: float,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -93,9 +93,11 @@ def create_study(
     rubric: Rubric | None = None,
     seed: int = 0,
     source: str | None = None,
+    comparison_ids: Collection[str] | None = None,
     now: float,
 ) -> CreatedStudy:
-    """Draw a study from the stored comparisons (of `source` only, if given) in one transaction.
+    """Draw a study from the stored comparisons (of `source` only, and of `comparison_ids` only, if given)
+    in one transaction.
 
     With `models`, only comparisons holding both are used and every task compares those two. Without,
     every comparison is used and a task compares its two models, or for 3+ models a pair drawn once
@@ -107,7 +109,7 @@ def create_study(
     with engine.begin() as conn:
         if conn.execute(select(studies.c.name).where(studies.c.name == name)).first() is not None:
             raise ValueError(f"a study named {name!r} already exists")
-        pool, excluded = _eligible(conn, models, source)
+        pool, excluded = _eligible(conn, models, source, comparison_ids)
         where = f" from source {source!r}" if source is not None else ""
         if not pool:
             wanted = f" with both {models[0]!r} and {models[1]!r}" if models else ""
@@ -167,7 +169,9 @@ def _check_name(what: str, name: str) -> None:
         raise ValueError(f"{what} must be 1-128 characters of A-Z a-z 0-9 _ . @ -, got {name!r}")
 
 
-def _eligible(conn: Connection, models: tuple[str, str] | None, source: str | None) -> tuple[list[Candidate], int]:
+def _eligible(
+    conn: Connection, models: tuple[str, str] | None, source: str | None, only: Collection[str] | None
+) -> tuple[list[Candidate], int]:
     """The comparisons a study may draw from, and how many the flags cost.
 
     In content order, not id order: ids are random, so the same file in another store gives the same plan for a seed.
@@ -178,7 +182,10 @@ def _eligible(conn: Connection, models: tuple[str, str] | None, source: str | No
         query = query.where(comparisons.c.source == source)
     pool: list[Candidate] = []
     excluded = 0
+    wanted = None if only is None else set(only)
     for cid, responses, flagged in conn.execute(query):
+        if wanted is not None and cid not in wanted:
+            continue
         names = tuple(orjson.loads(responses))
         if models is not None and not set(models) <= set(names):
             continue

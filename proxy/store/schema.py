@@ -172,3 +172,53 @@ judge_votes = Table(
     Column("cost_usd", Float),
     Column("created_at", Float, nullable=False),
 )
+
+# -- offline evaluation (proxy/offline_eval) --------------------------------------------------
+# A run sends every example of a held-out test file to each of its models. Its identity is what
+# the models were asked (test file, models, system prompt, max_tokens), so starting the same run
+# again resumes it; how answers are scored (checks, case folding) may change and is re-applied.
+
+eval_runs = Table(
+    "eval_runs",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("test_file", String(1024), nullable=False),
+    Column("test_sha256", String(64), nullable=False),
+    Column("examples", Integer, nullable=False),
+    Column("models", Text, nullable=False),  # JSON: [{"name", "upstream", "model"}], the baseline first
+    Column("system_prompt", Text),
+    Column("max_tokens", Integer, nullable=False),
+    Column("scoring", Text, nullable=False),  # JSON: {"casefold": bool, "checks": [...], "checks_file": ...}
+)
+
+eval_examples = Table(
+    "eval_examples",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("example_id", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),  # 0-based order among the file's examples
+    Column("line", Integer, nullable=False),  # 1-based line in the test file
+    Column("prompt", Text, nullable=False),  # JSON: the messages sent (system prompt applied)
+    Column("expected", Text, nullable=False),
+)
+
+eval_results = Table(
+    "eval_results",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("model", String(128), primary_key=True),  # the config's model name
+    Column("example_id", String(64), primary_key=True),
+    Column("prediction", Text, nullable=False),
+    Column("finish_reason", String(32)),
+    Column("exact", Boolean, nullable=False),
+    Column("format_ok", Boolean),  # null when the run declares no format check
+    Column("format_failures", Text),  # JSON: names of the checks that failed
+    Column("similarity", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("cost_usd", Float),
+    Column("attempts", Integer, nullable=False),  # 1 + retries it took
+    Column("created_at", Float, nullable=False),
+)
