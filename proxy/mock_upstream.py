@@ -7,6 +7,11 @@ to stand in for one. Every reply names the mock that produced it, so tests can t
 which upstream served a request, and ``/mock/*`` plus the ``mock_status`` /
 ``mock_latency_ms`` body fields let end-to-end tests inject faults and inspect what
 the gateway actually forwarded (headers included, to prove upstream-key injection).
+
+With ``answers`` (``--answers FILE``, a held-out test set in the OpenAI fine-tuning chat format) the
+mock also answers that test set with a known, tunable accuracy (``skill``), so offline evaluation
+(``abproxy eval run``) has a "base" and a "fine-tuned" model whose difference it must detect; the
+rule is next to the judge's below.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -41,7 +47,11 @@ class MockState:
     latency_ms: float
     tokens_per_s: float
     api_key: str | None
-    fail_first: int = 0  # the next this-many POSTs answer 429 with Retry-After: 0 (retry tests)
+    fail_first: int = 0  # the next this-many POSTs answer fail_status (retry tests)
+    fail_status: int = 429
+    retry_after: str = "0"  # the Retry-After header of those failures; "" = none
+    answers: Mapping[str, str] = field(default_factory=dict)  # test-set prompt (stripped) -> expected answer
+    skill: float = 1.0  # the share of those prompts answered exactly (see answer())
     last_id: int = 0  # never reset, so ids stay unique for the life of the process
     requests: int = 0
     streams_started: int = 0
@@ -131,8 +141,12 @@ async def _prologue(request: web.Request, ctx: _Ctx, parsed: Any) -> None:
     latency_ms = state.latency_ms
     if request.method == "POST" and state.fail_first > 0:
         state.fail_first -= 1
-        raise _OpenAIError(429, "mock rate limit", type_="requests", code="rate_limit_exceeded",
-                           headers={"Retry-After": "0"})
+        headers = {"Retry-After": state.retry_after} if state.retry_after else {}
+        if state.fail_status == 429:
+            raise _OpenAIError(429, "mock rate limit", type_="requests", code="rate_limit_exceeded", headers=headers)
+        raise _OpenAIError(state.fail_status, f"mock failure {state.fail_status}",
+                           type_="server_error" if state.fail_status >= 500 else "invalid_request_error",
+                           code=f"mock_{state.fail_status}", headers=headers)
     if request.method == "POST":
         if parsed is _BAD_JSON or not isinstance(parsed, dict):
             raise _OpenAIError(400, "We could not parse the JSON body of your request.")
@@ -183,19 +197,34 @@ def _inputs(value: Any, param: str) -> list[tuple[str, int]]:
     raise _OpenAIError(400, f"'{param}' must be a string, an array of strings or token arrays", param=param)
 
 
+# A reply is a list of pieces whose concatenation is its exact text: each piece is one word with the
+# whitespace before it (newlines included), so answers keep their lines, streamed or not. One piece is
+# one completion token here.
+_PIECE = re.compile(r"\s*\S+(?:\s+\Z)?|\s+\Z")
+
+
+def _pieces(text: str) -> list[str]:
+    return _PIECE.findall(text)
+
+
+def _spaced(words: list[str]) -> list[str]:
+    """Pieces of words joined by single spaces, one piece per word even if a word holds a space (a model name)."""
+    return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+
 def _reply(name: str, model: str, count: int, noun: str, seed: str) -> list[str]:
     # Deterministic length so tests and benchmarks can predict usage exactly.
     words = [f"[{name}]", "reply", "from", "model", model, "to", str(count), noun]
     target = 8 + len(seed) % 17
-    return words + [_FILLER[i % len(_FILLER)] for i in range(target - len(words))]
+    return _spaced(words + [_FILLER[i % len(_FILLER)] for i in range(target - len(words))])
 
 
-def _cap(words: list[str], body: JSON) -> tuple[list[str], str]:
-    """Honour max_tokens (one word = one token here): a cut reply finishes with "length"."""
+def _cap(pieces: list[str], body: JSON) -> tuple[list[str], str]:
+    """Honour max_tokens (one piece = one token here): a cut reply finishes with "length"."""
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(words):
-        return words[:limit], "length"
-    return words, "stop"
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(pieces):
+        return pieces[:limit], "length"
+    return pieces, "stop"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> JSON:
@@ -258,7 +287,82 @@ def _judge_verdict(user: str) -> list[str]:
     scores = {"A": {"A": 5, "B": 3}, "B": {"A": 3, "B": 5}, "tie": {"A": 4, "B": 4}}[winner]
     answers = {name: winner if kind == "preference" else scores
                for name, kind in _JUDGE_CRITERION.findall(criteria.group(1) if criteria else "")}  # fmt: skip
-    return json.dumps({"winner": winner, "criteria": answers, "reason": "longer"}).split(" ")
+    return _spaced(json.dumps({"winner": winner, "criteria": answers, "reason": "longer"}).split(" "))
+
+
+# A test-set answerer with a known accuracy, so offline-evaluation tests and the demo know what to expect.
+# With answers loaded, a chat request whose last user message (stripped) is a test-set prompt gets:
+#   u = int.from_bytes(sha256(f"{name}\x00{prompt}".encode()).digest()[:8], "big") / 2**64  (name: the mock's)
+#   u < skill: the expected answer, exactly. Otherwise a deterministic wrong one, chosen by v, computed the
+#   same way from f"{name}\x01{prompt}":
+#   v < 2/3, "chatty": the expected lines joined by "; " in one sentence ("Sure! Here are the codes for this
+#       note: ...") - one line, so a per-line format check fails;
+#   else "near miss": drop the last line of a multi-line answer; of a one-line answer, change the last digit
+#       before the first ":" to (d + 1) % 10 (no digit there: append " (unspecified)") - format kept.
+# Other prompts get the usual filler reply.
+def _unit(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def _near_miss(expected: str) -> str:
+    lines = expected.splitlines()
+    if len(lines) >= 2:
+        return "\n".join(lines[:-1])
+    line = lines[0] if lines else ""
+    head, colon, tail = line.partition(":")
+    digits = [i for i, ch in enumerate(head) if ch in "0123456789"]
+    if not digits:
+        return line + " (unspecified)"
+    i = digits[-1]
+    return f"{head[:i]}{(int(head[i]) + 1) % 10}{head[i + 1:]}{colon}{tail}"
+
+
+def answer(name: str, prompt: str, expected: str, skill: float) -> str:
+    """What mock `name` with this skill answers to a test-set prompt whose expected answer is `expected`."""
+    if _unit(f"{name}\x00{prompt}") < skill:
+        return expected
+    if _unit(f"{name}\x01{prompt}") < 2 / 3:
+        return (f"Sure! Here are the codes for this note: {'; '.join(expected.splitlines())}. "
+                "Let me know if you need anything else.")
+    return _near_miss(expected)
+
+
+def load_answers(path: str | Path) -> dict[str, str]:
+    """Test-set prompt -> expected answer, from an OpenAI fine-tuning chat JSONL file.
+
+    The prompt is the content of the last user message before the final assistant message, stripped;
+    the expected answer is that assistant message's content. Raises ValueError (OSError for an
+    unreadable file) with a one-line reason.
+    """
+    answers: dict[str, str] = {}
+    where: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number}: not JSON ({exc})") from None
+            messages = example.get("messages") if isinstance(example, dict) else None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise ValueError(f"line {number}: expected an object with a \"messages\" array of objects")
+            final = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "assistant"),
+                         None)  # fmt: skip
+            if final is None or not isinstance(messages[final].get("content"), str):
+                raise ValueError(f"line {number}: no assistant message with string content")
+            prompt = next((_text(m.get("content")).strip() for m in reversed(messages[:final])
+                           if m.get("role") == "user"), "")  # fmt: skip
+            if not prompt:
+                raise ValueError(f"line {number}: no non-empty user message before the final assistant message")
+            expected: str = messages[final]["content"]
+            if prompt in answers and answers[prompt] != expected:
+                raise ValueError(f"line {number}: same prompt as line {where[prompt]} with a different answer")
+            answers[prompt] = expected
+            where.setdefault(prompt, number)
+    if not answers:
+        raise ValueError("no examples")
+    return answers
 
 
 async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
@@ -271,14 +375,17 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
                       if isinstance(m, dict) and m.get("role") == "user"), "")
     judging = any(isinstance(m, dict) and m.get("role") == "system" and _JUDGE_MARKER in t
                   for m, t in zip(messages, texts, strict=True))  # fmt: skip
+    state, prompt = ctx.state, last_user.strip()
     if judging:
-        words, finish = _cap(_judge_verdict(last_user), body)
+        pieces, finish = _cap(_judge_verdict(last_user), body)
+    elif prompt in state.answers:
+        pieces, finish = _cap(_pieces(answer(state.name, prompt, state.answers[prompt], state.skill)), body)
     else:
-        words, finish = _cap(_reply(ctx.state.name, model, len(messages), "messages", last_user), body)
-    usage = _usage(max(1, sum(_words(t) + 3 for t in texts)), len(words))
+        pieces, finish = _cap(_reply(state.name, model, len(messages), "messages", last_user), body)
+    usage = _usage(max(1, sum(_words(t) + 3 for t in texts)), len(pieces))
     base: JSON = {"id": f"chatcmpl-mock-{ctx.request_id}", "created": int(time.time()), "model": model}
     if body.get("stream") is not True:
-        message = {"role": "assistant", "content": " ".join(words)}
+        message = {"role": "assistant", "content": "".join(pieces)}
         return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]})
     with_usage = _include_usage(body)
@@ -291,7 +398,7 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         return c
 
     frames: list[Frame] = [(False, chunk({"role": "assistant", "content": ""}, None))]
-    frames += [(True, chunk({"content": w if i == 0 else " " + w}, None)) for i, w in enumerate(words)]
+    frames += [(True, chunk({"content": piece}, None)) for piece in pieces]
     frames.append((False, chunk({}, finish)))
     if with_usage:
         frames.append((False, {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
@@ -301,8 +408,8 @@ async def _chat(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
 async def _completions(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
     body, model = ctx.body, ctx.body["model"]
     prompts = _inputs(body.get("prompt"), "prompt")
-    words, finish = _cap(_reply(ctx.state.name, model, len(prompts), "prompts", prompts[-1][0]), body)
-    usage = _usage(max(1, sum(n for _, n in prompts)), len(words))
+    pieces, finish = _cap(_reply(ctx.state.name, model, len(prompts), "prompts", prompts[-1][0]), body)
+    usage = _usage(max(1, sum(n for _, n in prompts)), len(pieces))
     base: JSON = {"id": f"cmpl-mock-{ctx.request_id}", "object": "text_completion",
                   "created": int(time.time()), "model": model}
 
@@ -310,11 +417,10 @@ async def _completions(request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
     if body.get("stream") is not True:
-        return web.json_response({**base, "choices": [choice(" ".join(words), finish)], "usage": usage})
+        return web.json_response({**base, "choices": [choice("".join(pieces), finish)], "usage": usage})
     with_usage = _include_usage(body)
     extra: JSON = {"usage": None} if with_usage else {}
-    frames: list[Frame] = [(True, {**base, "choices": [choice(w if i == 0 else " " + w, None)], **extra})
-                           for i, w in enumerate(words)]
+    frames: list[Frame] = [(True, {**base, "choices": [choice(piece, None)], **extra}) for piece in pieces]
     frames.append((False, {**base, "choices": [choice("", finish)], **extra}))
     if with_usage:
         frames.append((False, {**base, "choices": [], "usage": usage}))
@@ -357,12 +463,22 @@ async def _reset(request: web.Request) -> web.Response:
 
 def build_app(
     name: str, *, latency_ms: float = 0.0, tokens_per_s: float = 0.0, api_key: str | None = None,
-    fail_first: int = 0,
+    fail_first: int = 0, fail_status: int = 429, retry_after: str = "0",
+    answers: Mapping[str, str] | None = None, skill: float = 1.0,
 ) -> web.Application:
-    """Build the mock upstream application (see module docstring for the endpoints)."""
+    """Build the mock upstream application (see module docstring for the endpoints).
+
+    The first ``fail_first`` POSTs answer ``fail_status`` (a 4xx or 5xx) with ``Retry-After: retry_after``
+    (no header when it is ""). ``answers`` (see load_answers) are answered with accuracy ``skill`` (0..1).
+    """
+    if not 400 <= fail_status <= 599:
+        raise ValueError(f"fail_status must be a 4xx or 5xx status, not {fail_status}")
+    if not 0.0 <= skill <= 1.0:
+        raise ValueError(f"skill must be between 0 and 1, not {skill}")
     app = web.Application()
-    app[STATE] = MockState(name=name, latency_ms=max(0.0, latency_ms),
-                           tokens_per_s=max(0.0, tokens_per_s), api_key=api_key, fail_first=max(0, fail_first))
+    app[STATE] = MockState(name=name, latency_ms=max(0.0, latency_ms), tokens_per_s=max(0.0, tokens_per_s),
+                           api_key=api_key, fail_first=max(0, fail_first), fail_status=fail_status,
+                           retry_after=retry_after, answers=dict(answers or {}), skill=skill)
     app.router.add_post("/v1/chat/completions", _v1(_chat))
     app.router.add_post("/v1/completions", _v1(_completions))
     app.router.add_post("/v1/embeddings", _v1(_embeddings))
@@ -375,10 +491,12 @@ def build_app(
 
 def run(
     *, host: str = "127.0.0.1", port: int, name: str, latency_ms: float = 0.0,
-    tokens_per_s: float = 0.0, api_key: str | None = None, fail_first: int = 0,
+    tokens_per_s: float = 0.0, api_key: str | None = None, fail_first: int = 0, fail_status: int = 429,
+    retry_after: str = "0", answers: Mapping[str, str] | None = None, skill: float = 1.0,
 ) -> None:
     """Serve a mock upstream until interrupted (blocking); backs ``abproxy mock-upstream``."""
-    app = build_app(name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key, fail_first=fail_first)
+    app = build_app(name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key, fail_first=fail_first,
+                    fail_status=fail_status, retry_after=retry_after, answers=answers, skill=skill)
 
     def announce(*_: Any) -> None:
         # run_app calls its ``print`` hook only after the sockets are bound, so whoever

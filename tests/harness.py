@@ -246,7 +246,7 @@ class PostgresServer(Process):
 
 
 class MockUpstream(Process):
-    def __init__(self, name: str, log_dir: Path, *, api_key: str | None = None, **options: float) -> None:
+    def __init__(self, name: str, log_dir: Path, *, api_key: str | None = None, **options: float | str | Path) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(self.port), "--name", name]
         for key, value in options.items():

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import selectors
 import socket
 import struct
@@ -17,13 +18,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.mock_upstream import build_app
+from proxy.mock_upstream import answer, build_app, load_answers
+from tests.harness import MockUpstream, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
+ICD10 = REPO_ROOT / "examples" / "eval" / "icd10.jsonl"
+CODE_LINE = re.compile(r"[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?: \S.*")  # examples/eval/format.yaml's
 
 
 @contextlib.asynccontextmanager
@@ -281,3 +286,163 @@ def test_openai_client_against_real_server() -> None:
         _, stderr = proc.communicate(timeout=10)  # also closes the pipes
         if stderr.strip():
             print(stderr, file=sys.stderr)
+
+
+# -- answering a test set (--answers, --skill) and failing on purpose (--fail-first/--fail-status) --------
+
+
+def _examples() -> list[tuple[list[dict[str, str]], str]]:
+    """(request messages, expected answer) per example of the shipped test set."""
+    out = []
+    for line in ICD10.read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        out.append((messages[:-1], messages[-1]["content"]))
+    return out
+
+
+def _openai(mock: MockUpstream) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{mock.url}/v1", api_key="k", max_retries=0, timeout=10)
+
+
+def _ask(client: openai.OpenAI, messages: Any, *, stream: bool = False) -> str:
+    if stream:
+        chunks = client.chat.completions.create(model="m", messages=messages, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    done = client.chat.completions.create(model="m", messages=messages, temperature=0)
+    return done.choices[0].message.content or ""
+
+
+@contextlib.contextmanager
+def _mocks(tmp_path: Path, *specs: tuple[str, dict[str, Any]]) -> Any:
+    mocks = [MockUpstream(name, tmp_path, **options) for name, options in specs]
+    try:
+        for mock in mocks:
+            mock.start()
+        yield mocks
+    finally:
+        for mock in mocks:
+            mock.stop()
+
+
+def test_answers_full_skill_are_exact(tmp_path: Path) -> None:
+    """--skill 1.0 answers every test-set prompt with its expected text, newlines kept, streamed or not."""
+    examples = _examples()
+    assert any("\n" in expected for _, expected in examples)
+    with _mocks(tmp_path, ("ace", {"answers": ICD10, "skill": 1.0})) as (mock,):
+        client = _openai(mock)
+        for messages, expected in examples:
+            assert _ask(client, messages) == expected
+            assert _ask(client, messages, stream=True) == expected
+        # Only the last user message matters, stripped; anything else gets the usual filler reply.
+        padded = [{"role": "user", "content": "  " + examples[0][0][-1]["content"] + "\n"}]
+        assert _ask(client, padded) == examples[0][1]
+        other = _ask(client, [{"role": "user", "content": "Note: not in the test set."}])
+        assert other.startswith("[ace] reply from model m to 1 messages")
+
+
+def test_answers_zero_skill_are_wrong_in_known_ways(tmp_path: Path) -> None:
+    """--skill 0 never answers exactly: a chatty answer is one line, a near miss keeps the line format."""
+    modes: set[str] = set()
+    with _mocks(tmp_path, ("dud", {"answers": str(ICD10), "skill": 0})) as (mock,):
+        client = _openai(mock)
+        for messages, expected in _examples():
+            got = _ask(client, messages)
+            assert got != expected and _ask(client, messages, stream=True) == got
+            if got.startswith("Sure! Here are the codes for this note: "):
+                modes.add("chatty")
+                assert "\n" not in got and "; ".join(expected.splitlines()) in got
+                assert not CODE_LINE.fullmatch(got)
+            else:
+                modes.add("near miss")
+                lines = got.split("\n")
+                assert all(CODE_LINE.fullmatch(line) for line in lines)
+                assert len(lines) == max(1, len(expected.splitlines()) - 1)
+    assert modes == {"chatty", "near miss"}
+
+
+def test_answers_are_deterministic_per_name(tmp_path: Path) -> None:
+    """Two processes with the same name and skill answer identically, as proxy.mock_upstream.answer says."""
+    examples = _examples()
+    options = {"answers": ICD10, "skill": 0.5}
+    with _mocks(tmp_path, ("twin", options), ("twin", options)) as (one, two):
+        first = [_ask(_openai(one), messages) for messages, _ in examples]
+        second = [_ask(_openai(two), messages, stream=True) for messages, _ in examples]
+    assert first == second
+    expected = [answer("twin", m[-1]["content"].strip(), e, 0.5) for m, e in examples]
+    assert first == expected
+    assert 0 < sum(a == e for a, (_, e) in zip(first, examples, strict=True)) < len(examples)
+
+
+def test_shipped_test_set_separates_the_demo_mocks() -> None:
+    """With the demo's skills (base 0.35, finetuned 0.85) the fine-tuned mock is clearly better on the shipped set."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    answers = load_answers(ICD10)
+    assert len(answers) == 40
+
+    def outcomes(name: str, skill: float) -> list[tuple[bool, bool]]:
+        got = [(answer(name, p, e, skill), e) for p, e in answers.items()]
+        return [(a == e, all(CODE_LINE.fullmatch(line) for line in a.split("\n"))) for a, e in got]
+
+    base, tuned = outcomes("base", 0.35), outcomes("finetuned", 0.85)
+    for i in (0, 1):  # exact match, format
+        pairs = [(b[i], t[i]) for b, t in zip(base, tuned, strict=True)]
+        table = [[pairs.count((True, True)), pairs.count((True, False))],
+                 [pairs.count((False, True)), pairs.count((False, False))]]
+        assert mcnemar(table, exact=True).pvalue < 0.01
+        if i == 0:
+            assert (pairs.count((False, True)) - pairs.count((True, False))) / 40 >= 0.3
+            assert 1 <= table[0][1] <= 4  # some regressions to list
+
+
+@pytest.mark.asyncio
+async def test_answer_pieces_cap_and_usage() -> None:
+    """An answer is counted in pieces (one per word, whitespace before it kept); max_tokens cuts whole pieces."""
+    async with _client("p", answers={"q": "A01: x y\nB02: z"}) as client:
+        full = await (await client.post(CHAT, json={"model": "m",
+                                                    "messages": [{"role": "user", "content": "q"}]})).json()
+        cut = await (await client.post(CHAT, json={"model": "m", "max_tokens": 3,
+                                                   "messages": [{"role": "user", "content": " q "}]})).json()
+        resp = await client.post(CHAT, json={"model": "m", "stream": True,
+                                             "messages": [{"role": "user", "content": "q"}]})
+        events = _events(await resp.text())
+    assert full["choices"][0]["message"]["content"] == "A01: x y\nB02: z"
+    assert full["usage"]["completion_tokens"] == 5
+    assert cut["choices"][0]["message"]["content"] == "A01: x y"
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 3
+    deltas = [c["choices"][0]["delta"].get("content") for c in events[:-1]]
+    assert deltas[1:-1] == ["A01:", " x", " y", "\nB02:", " z"]
+
+
+def test_bad_answers_file_is_one_line_error(tmp_path: Path) -> None:
+    """A bad or missing --answers file stops the command with one line, not a traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    for path, reason in ((bad, "line 1: no assistant message"), (tmp_path / "missing.jsonl", "No such file")):
+        done = subprocess.run([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(free_port()),
+                               "--name", "x", "--answers", str(path)],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"Error: --answers {path}: ") and reason in done.stderr
+
+
+def test_fail_first_with_status_and_retry_after(tmp_path: Path) -> None:
+    """--fail-first 2 --fail-status 503 --retry-after 2: two 503s telling to wait 2 s, then normal service."""
+    messages: Any = [{"role": "user", "content": "hi"}]
+    specs: list[tuple[str, dict[str, Any]]] = [("down", {"fail_first": 2, "fail_status": 503, "retry_after": 2}),
+             ("bare", {"fail_first": 1, "fail_status": 500, "retry_after": ""}),
+             ("limited", {"fail_first": 1})]  # fmt: skip
+    with _mocks(tmp_path, *specs) as (down, bare, limited):
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as failed:
+                _ask(_openai(down), messages)
+            assert failed.value.status_code == 503 and failed.value.response.headers["retry-after"] == "2"
+        assert _ask(_openai(down), messages).startswith("[down] reply")
+        with pytest.raises(openai.InternalServerError) as failed:
+            _ask(_openai(bare), messages)
+        assert failed.value.status_code == 500 and "retry-after" not in failed.value.response.headers
+        with pytest.raises(openai.RateLimitError) as limited_err:
+            _ask(_openai(limited), messages)
+        assert limited_err.value.response.headers["retry-after"] == "0"
+        assert _ask(_openai(bare), messages).startswith("[bare] reply")
+        assert down.stats()["requests"] == 3

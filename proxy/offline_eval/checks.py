@@ -1,7 +1,7 @@
 """Format checks, declared in YAML rather than coded per use case (`abproxy eval run --check format.yaml`).
 
     checks:
-      - name: one "CODE: description" per line
+      - name: 'one "CODE: description" per line'
         line_regex: '^[A-TV-Z][0-9][0-9AB](\\.[0-9A-TV-Z]{1,4})?: \\S.*$'   # every line must match
       - regex: '(?s)Answer: .+'                                             # the whole answer must match
       - json_schema: {type: object, required: [label]}                      # or json_schema_file: schema.json
