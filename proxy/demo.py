@@ -47,6 +47,9 @@ from proxy.traffic import TRUTH
 EXPERIMENT = "sales-companion"
 SALT = "sales-v2"
 _OUTCOMES = random.Random(2026)  # seeded: the same feedback draws on every run
+# The held-out set of the offline evaluation step (in the repository, not in the installed package).
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "eval"
+EVAL_SET = EXAMPLES / "icd10.jsonl"
 PROMPTS = [
     "Draft a follow-up email to a prospect who went quiet after the demo.",
     "Summarise this call: pricing objections, wants SSO, decision in Q3.",
@@ -153,10 +156,14 @@ def running_stack(console: Console) -> Iterator[Running]:
                 console.print(f"[dim]redis-server on {redis_url}[/]")
             ports = {"base": _free_port(), "finetuned": _free_port(), "proxy": _free_port()}
             mock = [sys.executable, "-m", "proxy", "mock-upstream"]
+            # Both mocks know the held-out set's answers; the fine-tune answers it right far more often.
+            knows = {name: ["--answers", str(EVAL_SET), "--skill", skill] if EVAL_SET.exists() else []
+                     for name, skill in (("base", "0.35"), ("finetuned", "0.85"))}  # fmt: skip
             stack.start("mock-base", [*mock, "--port", str(ports["base"]), "--name", "base",
-                                      "--latency-ms", "40", "--tokens-per-s", "400"], ports["base"])
+                                      "--latency-ms", "40", "--tokens-per-s", "400", *knows["base"]], ports["base"])
             stack.start("mock-ft", [*mock, "--port", str(ports["finetuned"]), "--name", "finetuned",
-                                    "--latency-ms", "55", "--tokens-per-s", "500"], ports["finetuned"])
+                                    "--latency-ms", "55", "--tokens-per-s", "500", *knows["finetuned"]],
+                        ports["finetuned"])
             config = workdir / "demo.yaml"
             config.write_text(yaml.safe_dump(_demo_config(ports["base"], ports["finetuned"])))
             token = secrets.token_urlsafe(24)
@@ -362,11 +369,44 @@ def _wait_collected(running: Running, timeout_s: float = 60.0) -> None:
     raise RuntimeError("the collector did not catch up within {timeout_s:.0f}s")
 
 
+def _offline_eval(console: Console, running: Running) -> None:
+    """Before any user sees the fine-tune: both models on the held-out set, compared example by example."""
+    from proxy.offline_eval.checks import load_checks
+    from proxy.offline_eval.render import to_table as eval_table
+    from proxy.offline_eval.report import run_report
+    from proxy.offline_eval.runner import model_specs, run_eval
+    from proxy.offline_eval.runs import Scoring, default_run_id, load_run
+    from proxy.offline_eval.testset import load_test_set
+    from proxy.store.db import engine_for, migrate
+
+    console.rule("1. offline evaluation: the held-out set, before any user sees the fine-tune")
+    if not EVAL_SET.exists():
+        console.print(f"[dim]skipped: {EVAL_SET} is not here (run the demo from a checkout)[/]")
+        return
+    settings = load_settings(running.config, {**os.environ, "ABPROXY_STORE_URL": running.store_url})
+    engine = engine_for(running.store_url)
+    migrate(engine)
+    test = load_test_set(EVAL_SET)
+    specs = model_specs(settings, ["base", "finetuned"])
+    run_id = default_run_id(test, specs, None, 512)
+    asyncio.run(run_eval(engine, settings, test, specs, run_id=run_id,
+                         scoring=Scoring(False, load_checks(EXAMPLES / "format.yaml"))))  # fmt: skip
+    run = load_run(engine, run_id)
+    engine.dispose()
+    assert run is not None
+    eval_table(run_report(run), console)
+    console.print("[dim]the same on your machine: abproxy eval run --config config/local.yaml --test-file "
+                  "examples/eval/icd10.jsonl --model base --model finetuned --check examples/eval/format.yaml, "
+                  "then abproxy eval to-study RUN --evaluators ann,bob (README, Offline evaluation)[/]")
+    console.rule("2. staged rollout through the proxy")
+
+
 def run_demo(users: int = 2000, requests_per_user: int = 2, concurrency: int = 32) -> None:
     console = Console(width=max(Console().width, 150))
     console.rule("llm-ab-proxy demo")
     user_ids = [f"user-{i:05d}" for i in range(users)]
     with running_stack(console) as running:
+        _offline_eval(console, running)
         served, marks, audit = asyncio.run(
             _ramp(running.url, running.token, user_ids, requests_per_user, concurrency, console)
         )
