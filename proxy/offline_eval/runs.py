@@ -136,7 +136,7 @@ def open_run(
 
 def _rescore(conn: Connection, run_id: str, scoring: Scoring) -> int:
     expected = dict(conn.execute(select(eval_examples.c.example_id, eval_examples.c.expected)
-                                 .where(eval_examples.c.run_id == run_id)).tuples())  # fmt: skip
+                                 .where(eval_examples.c.run_id == run_id)).all())  # fmt: skip
     stored = conn.execute(select(eval_results.c.model, eval_results.c.example_id, eval_results.c.prediction)
                           .where(eval_results.c.run_id == run_id)).all()  # fmt: skip
     for model, example_id, prediction in stored:
@@ -211,7 +211,7 @@ def list_runs(engine: Engine) -> list[RunListing]:
     """Every run, newest first, with how many answers it holds."""
     with engine.connect() as conn:
         counts: dict[str, int] = dict(conn.execute(select(eval_results.c.run_id, func.count())
-                                   .group_by(eval_results.c.run_id)).tuples())  # fmt: skip
+                                   .group_by(eval_results.c.run_id)).all())  # fmt: skip
         rows = conn.execute(select(eval_runs).order_by(eval_runs.c.created_at.desc(), eval_runs.c.id)).all()
     return [RunListing(r.id, r.created_at, r.test_file, [ModelSpec(**m) for m in orjson.loads(r.models)],
                        r.examples, counts.get(r.id, 0)) for r in rows]  # fmt: skip
