@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.controller.plan import PhaseConfig
+
 DEFAULT_PORT = 8080
 
 
@@ -158,6 +160,8 @@ class ExperimentConfig(_Strict):
     rollout_percent: float = Field(default=0.0, strict=True)
     analysis: AnalysisConfig = AnalysisConfig()
     pair_sampling: PairSamplingConfig = PairSamplingConfig()
+    # Phases the controller walks through (`abproxy controller`); empty: the percent is set by hand only.
+    rollout_plan: list[PhaseConfig] = []
 
     @field_validator("rollout_percent")
     @classmethod
@@ -177,6 +181,22 @@ class ServerConfig(_Strict):
     def _distinct_ports(self) -> ServerConfig:
         if self.metrics_port == self.port:
             raise _KeyProblem("server.metrics_port", f"must differ from server.port ({self.port})")
+        return self
+
+
+class ControllerConfig(_Strict):
+    """`abproxy controller`: how often it looks, how long its lease on the leader lock lasts, whom it tells."""
+
+    interval_s: float = Field(default=60.0, gt=0)
+    # A leader that has not renewed its lease for this long is presumed dead and another takes over.
+    lease_s: float = Field(default=30.0, gt=0)
+    # A Slack-compatible incoming webhook told of every phase change, rollback and halt (env ABPROXY_WEBHOOK_URL).
+    webhook_url: str | None = Field(default=None, repr=False)
+
+    @model_validator(mode="after")
+    def _renew_in_time(self) -> ControllerConfig:
+        if self.lease_s < 2 * min(self.interval_s, 10.0):
+            raise _KeyProblem("controller.lease_s", "must be at least twice the renewal period (min(interval_s, 10))")
         return self
 
 
@@ -244,6 +264,7 @@ class Settings(_Strict):
     feedback: FeedbackConfig = FeedbackConfig()
     store: StoreConfig = StoreConfig()
     collector: CollectorConfig = CollectorConfig()
+    controller: ControllerConfig = ControllerConfig()
     redis_url: str = "redis://127.0.0.1:6379/0"
     admin_token: str | None = Field(default=None, exclude=True, repr=False)
     # Keyed hash of user ids in events, so a dictionary of e-mails cannot reverse them.
@@ -276,6 +297,7 @@ class Settings(_Strict):
                     )
                 seen[alias] = name
             self._check_analysis(name, exp.analysis)
+            self._check_plan(name, exp)
         if self.metrics and not self.events.redis_stream.enabled:
             raise _KeyProblem(
                 "events.redis_stream.enabled", "must be true when metrics are declared (feedback travels on the stream)"
@@ -299,6 +321,38 @@ class Settings(_Strict):
             if guardrail not in GUARDRAILS:
                 known_guardrails = ", ".join(GUARDRAILS)
                 raise _KeyProblem(f"{key}.guardrails.{guardrail}", f"unknown guardrail (one of {known_guardrails})")
+
+
+    def _check_plan(self, experiment: str, exp: ExperimentConfig) -> None:
+        key = f"experiments.{experiment}.rollout_plan"
+        known_metrics = {*self.metrics, *IMPLICIT_METRICS}
+        names: set[str] = set()
+        previous = 0.0
+        for i, phase in enumerate(exp.rollout_plan):
+            where = f"{key}.{i}"
+            if phase.name in names:
+                raise _KeyProblem(f"{where}.name", f"phase {phase.name!r} appears twice")
+            names.add(phase.name)
+            try:
+                percent = validate_percent(phase.percent)
+            except ValueError as exc:
+                raise _KeyProblem(f"{where}.percent", str(exc)) from None
+            if percent <= previous:
+                raise _KeyProblem(f"{where}.percent", f"must be above the previous phase's {previous:g}")
+            previous = percent
+            if i == len(exp.rollout_plan) - 1 and phase.gates:
+                raise _KeyProblem(f"{where}.gates", "the last phase has no next phase: its gates are never read")
+            for j, gate in enumerate(phase.gates):
+                if gate.guardrail is not None and gate.guardrail not in GUARDRAILS:
+                    known = ", ".join(GUARDRAILS)
+                    problem = f"unknown guardrail {gate.guardrail!r} (one of {known})"
+                    raise _KeyProblem(f"{where}.gates.{j}.guardrail", problem)
+                if gate.metric is not None and gate.metric not in known_metrics:
+                    raise _KeyProblem(f"{where}.gates.{j}.metric",
+                                      f"unknown metric {gate.metric!r} (declare it under metrics:)")  # fmt: skip
+        if exp.rollout_plan and not self.events.redis_stream.enabled:
+            raise _KeyProblem("events.redis_stream.enabled",
+                              f"must be true for {key}: the controller reads the store the stream feeds")  # fmt: skip
 
 
 class _KeyProblem(ValueError):
@@ -368,6 +422,9 @@ def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str], *, upstream_
             "admin_token": env.get("ABPROXY_ADMIN_TOKEN") or None,
             "user_hash_key": env.get("ABPROXY_USER_HASH_KEY", ""),
             "signing_key": env.get("ABPROXY_SIGNING_KEY", ""),
+            "controller": settings.controller.model_copy(
+                update={"webhook_url": env.get("ABPROXY_WEBHOOK_URL") or settings.controller.webhook_url}
+            ),
             "store": settings.store.model_copy(update={"url": env.get("ABPROXY_STORE_URL", settings.store.url)}),
         }
     )

@@ -47,29 +47,42 @@ def audit_key(experiment: str) -> str:
     return f"abproxy:audit:{experiment}"
 
 
-# KEYS: state hash, audit stream. ARGV: percent, at, by, reason, channel, experiment, default,
-# restore_rev. `from` falls back to the config default: that was in force before the first write.
-# With restore_rev set, the write happens only if the hash is gone (Redis lost its data), so
-# several instances restoring at once write it once.
-_SET_SCRIPT = """
-local restore = ARGV[8] ~= ''
-if restore and redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local old = redis.call('HGET', KEYS[1], 'percent')
-local from = old or ARGV[7]
-local rev
-if restore then
-  rev = tonumber(ARGV[8])
-  redis.call('HSET', KEYS[1], 'rev', rev)
-else
-  rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
+# The one way a percent is written, shared by every script that writes one (this module's and the
+# rollout controller's): the hash, its audit entry (with the evidence behind it, when there is some)
+# and the publish happen together. `from` falls back to the config default: that was in force before
+# the first write. restore_rev '' increments the revision; a number sets it (a restore).
+WRITE_PERCENT_LUA = """
+local function write_percent(state, audit, percent, at, by, reason, channel, experiment, default, restore_rev,
+                             evidence)
+  local from = redis.call('HGET', state, 'percent') or default
+  local rev
+  if restore_rev ~= '' then
+    rev = tonumber(restore_rev)
+    redis.call('HSET', state, 'rev', rev)
+  else
+    rev = redis.call('HINCRBY', state, 'rev', 1)
+  end
+  redis.call('HSET', state, 'percent', percent, 'updated_at', at, 'updated_by', by, 'reason', reason)
+  if evidence ~= '' then
+    redis.call('XADD', audit, 'MAXLEN', '~', AUDIT_MAXLEN, '*', 'from', from, 'to', percent, 'by', by, 'at', at,
+               'reason', reason, 'evidence', evidence)
+  else
+    redis.call('XADD', audit, 'MAXLEN', '~', AUDIT_MAXLEN, '*', 'from', from, 'to', percent, 'by', by, 'at', at,
+               'reason', reason)
+  end
+  redis.call('PUBLISH', channel, cjson.encode({experiment=experiment, percent=percent, rev=rev,
+             updated_at=at, updated_by=by, reason=reason}))
+  return {from, rev}
 end
-redis.call('HSET', KEYS[1], 'percent', ARGV[1], 'updated_at', ARGV[2], 'updated_by', ARGV[3], 'reason', ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', AUDIT_MAXLEN, '*',
-           'from', from, 'to', ARGV[1], 'by', ARGV[3], 'at', ARGV[2], 'reason', ARGV[4])
-redis.call('PUBLISH', ARGV[5], cjson.encode({experiment=ARGV[6], percent=ARGV[1], rev=rev,
-           updated_at=ARGV[2], updated_by=ARGV[3], reason=ARGV[4]}))
-return {from, rev}
 """.replace("AUDIT_MAXLEN", str(AUDIT_MAXLEN))
+
+# KEYS: state hash, audit stream. ARGV: percent, at, by, reason, channel, experiment, default,
+# restore_rev. With restore_rev set, the write happens only if the hash is gone (Redis lost its
+# data), so several instances restoring at once write it once.
+_SET_SCRIPT = WRITE_PERCENT_LUA + """
+if ARGV[8] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then return false end
+return write_percent(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], '')
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +129,7 @@ class AuditEntry:
     reason: str | None
 
 
-def _fmt_percent(percent: float) -> str:
+def fmt_percent(percent: float) -> str:
     return f"{percent:.2f}".rstrip("0").rstrip(".")
 
 
@@ -180,8 +193,8 @@ class RolloutStore:
     ) -> tuple[RolloutState, float | None] | None:
         now = time.time()
         args = [
-            _fmt_percent(percent), repr(now), by, reason or "", CHANNEL, experiment,
-            _fmt_percent(self._defaults[experiment]), "" if restore_rev is None else str(restore_rev),
+            fmt_percent(percent), repr(now), by, reason or "", CHANNEL, experiment,
+            fmt_percent(self._defaults[experiment]), "" if restore_rev is None else str(restore_rev),
         ]
         try:
             result = await self._set(keys=[state_key(experiment), audit_key(experiment)], args=args)

@@ -181,13 +181,13 @@ def build_report(
         return report
     reached = report.plan.reached
     for name, role in _metric_roles(analysis, settings.metrics):
-        result = _compare_metric(data, name, role, settings.metrics, analysis, reached)
+        result = compare_metric(data, name, role, settings.metrics, analysis, reached)
         if result is not None:
             report.metrics.append(result)
     _judge(report.metrics, analysis.alpha)
     report.guardrails = [
         g for name, margin in analysis.guardrails.items()
-        if (g := _guardrail(data, name, margin, analysis.alpha)) is not None
+        if (g := guardrail(data, name, margin, analysis.alpha)) is not None
     ]
     report.cost_per_success = _cost_per_success(data, analysis, settings.metrics, reached)
     report.verdict = _verdict(report, analysis)
@@ -272,7 +272,7 @@ def _tau2(role: Role, analysis: AnalysisConfig, control_value: float, se: float)
     return sequential.default_tau2(scale if scale > 0 else max(se, 1e-9))
 
 
-def _compare_metric(
+def compare_metric(
     data: Dataset, name: str, role: Role, declared: dict[str, MetricConfig], analysis: AnalysisConfig,
     reached: bool,
 ) -> MetricResult | None:
@@ -312,7 +312,7 @@ def _judge(results: list[MetricResult], alpha: float) -> None:
 # -- guardrails and cost ---------------------------------------------------------------------
 
 
-def _guardrail(data: Dataset, name: str, margin: GuardrailConfig, alpha: float) -> GuardrailResult | None:
+def guardrail(data: Dataset, name: str, margin: GuardrailConfig, alpha: float) -> GuardrailResult | None:
     if name in RATIO_GUARDRAILS:
         num, den = _per_user(data.requests.get(RATIO_GUARDRAILS[name], Observations.empty()), len(data.users))
         comparison = _comparator("request", "mean", alpha)(num, den, data.treatment)
