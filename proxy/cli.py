@@ -25,6 +25,7 @@ from proxy.cli_common import (
     store_engine,
     store_option,
 )
+from proxy.cli_controller import controller_command
 from proxy.cli_eval import eval_group
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def main() -> None:
 
 
 main.add_command(eval_group)
+main.add_command(controller_command)
 
 
 @main.command()
@@ -228,6 +230,42 @@ def rollout_audit(experiment: str, limit: int, url: str | None, token: str | Non
     for e in body["entries"]:
         table.add_row(e["at"], f"{e['from']:g}%", f"{e['to']:g}%", e["by"], e["reason"] or "-")
     console.print(table)
+
+
+def _override_command(action: str, summary: str) -> None:
+    @rollout.command(action, help=f"{summary} A person's word always wins over the controller's; audited.")
+    @click.argument("experiment")
+    @click.option("--reason", required=True, help="Why, for the audit trail and the decision record.")
+    @_url
+    @_token
+    def command(experiment: str, reason: str, url: str | None, token: str | None) -> None:
+        with _admin_client(url, token) as client:
+            body = _call(client, "POST", f"/admin/experiments/{experiment}/plan/{action}", json={"reason": reason})
+        state = body["state"]
+        click.echo(f"{experiment}: {action} -> phase {state['phase_name']}, {state['status'].replace('_', ' ')}")
+
+
+_override_command("pause", "Stop the controller acting on EXPERIMENT's plan; the percent stays.")
+_override_command("resume", "Let the controller act again (after a halt, rollback or abort: re-enter the phase).")
+_override_command("promote", "Move EXPERIMENT to the next phase now, whatever its gates say.")
+_override_command("abort", "Set EXPERIMENT to 0 % at once and stop its plan.")
+
+
+@rollout.command("plan")
+@click.argument("experiment")
+@click.option("--dry-run", is_flag=True, help="Also evaluate the gates now and say what the controller would do.")
+@click.option("--limit", default=10, show_default=True, help="Latest decisions shown.")
+@config_option
+def rollout_plan(experiment: str, dry_run: bool, limit: int, config: str | None) -> None:
+    """EXPERIMENT's rollout plan, where it stands, its latest decisions; with --dry-run, the next one and why."""
+    from proxy.cli_controller import show_plan
+
+    _, settings = load_config(config, upstream_keys=False)
+    if experiment not in settings.experiments:
+        fail(f"no experiment named {experiment!r} (configured: {', '.join(sorted(settings.experiments))})")
+    if not settings.experiments[experiment].rollout_plan:
+        fail(f"experiment {experiment!r} has no rollout_plan in the config")
+    asyncio.run(show_plan(settings, experiment, dry_run=dry_run, limit=limit))
 
 
 @main.command("mock-upstream")

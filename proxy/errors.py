@@ -8,6 +8,7 @@
     ├── NotFound                     404     invalid_request_error
     │   ├── UnknownModel             404     invalid_request_error (code model_not_found)
     │   └── Gone                     410     invalid_request_error (an expired request id)
+    ├── StateConflict                409     invalid_request_error (a rollout plan override that does not apply)
     ├── UnprocessableEntity          422     invalid_request_error
     ├── StateUnavailable             503     service_unavailable   (Redis down on an admin write)
     │   └── FeedbackUnavailable      503     service_unavailable   (feedback not stored: retry)
@@ -74,6 +75,10 @@ class Gone(NotFound):
 
 class UnprocessableEntity(ProxyError):
     status_code, openai_type, default_code = 422, "invalid_request_error", "invalid_value"
+
+
+class StateConflict(ProxyError):
+    status_code, openai_type, default_code = 409, "invalid_request_error", "conflict"
 
 
 class StateUnavailable(ProxyError):

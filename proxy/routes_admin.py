@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from proxy.analysis.render import to_json
 from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
 from proxy.config import validate_percent
-from proxy.errors import AdminDisabled, AuthenticationFailed, InvalidRequest, NotFound, StateUnavailable
+from proxy.controller.overrides import OVERRIDES, OverrideRefused, override
+from proxy.controller.state import DecisionRecord, PlanState, PlanStore
+from proxy.errors import (
+    AdminDisabled,
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    StateConflict,
+    StateUnavailable,
+)
 from proxy.experiments import Arm, Experiment
 from proxy.metrics import exposition
 from proxy.rollout import AuditEntry, RolloutState
@@ -151,7 +160,100 @@ async def set_rollout(
     state, previous = await runtime.store.set_percent(name, update.percent, by=actor, reason=update.reason)
     # This instance follows at once; the others follow from the pub/sub message.
     runtime.rollout.apply_own_write(state)
-    return {**experiment_view(exp, state), "previous_percent": previous}
+    paused = await _pause_plan_for_manual_change(runtime, name, actor, update.percent)
+    return {**experiment_view(exp, state), "previous_percent": previous, "plan_paused": paused}
+
+
+async def _pause_plan_for_manual_change(runtime: Runtime, name: str, actor: str, percent: float) -> bool:
+    """A person set the percent by hand: a running plan must not move it back, so it pauses (audited)."""
+    plan = runtime.settings.experiments[name].rollout_plan
+    if not plan:
+        return False
+    plans = _plans(runtime)
+    current = await plans.get(name)
+    if current is None or current.status != "running":
+        return False
+    try:
+        await override(plans, plan, name, "pause", by=actor, reason=f"percent set by hand to {percent:g}",
+                       clock_now=time.time(), wall_now=time.time())  # fmt: skip
+    except OverrideRefused:
+        return False  # paused by someone else in between: the outcome wanted
+    return True
+
+
+def _plans(runtime: Runtime) -> PlanStore:
+    defaults = {n: e.rollout_percent for n, e in runtime.settings.experiments.items()}
+    return PlanStore(runtime.redis, defaults)
+
+
+def _plan_view(state: PlanState | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {"phase": state.phase, "phase_name": state.phase_name, "status": state.status,
+            "entered_at": _iso(state.entered_at), "data_since": _iso(state.data_since), "rev": state.rev,
+            "updated_at": _iso(state.updated_at), "updated_by": state.updated_by, "reason": state.reason}  # fmt: skip
+
+
+def _decision_view(d: DecisionRecord) -> dict[str, Any]:
+    return {"id": d.id, "at": _iso(d.at), "by": d.by, "action": d.action, "phase_from": d.phase_from,
+            "phase_to": d.phase_to, "status": d.status, "percent_from": d.percent_from,
+            "percent_to": d.percent_to, "reason": d.reason, "evidence": d.evidence}  # fmt: skip
+
+
+@admin.get("/experiments/{name}/plan")
+async def get_plan(
+    request: Request, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 20
+) -> dict[str, Any]:
+    """The rollout plan as configured, where it stands, and its latest decisions with their evidence."""
+    runtime = _runtime(request)
+    _experiment(runtime, name)
+    plans = _plans(runtime)
+    return {
+        "experiment": name,
+        "phases": [p.model_dump() for p in runtime.settings.experiments[name].rollout_plan],
+        "state": _plan_view(await plans.get(name)),
+        "decisions": [_decision_view(d) for d in await plans.decisions(name, limit)],
+    }
+
+
+class PlanOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+async def plan_override(request: Request, _: Annotated[str, Depends(require_admin)]) -> PlanOverride:
+    """The POST body, read once the caller is authenticated (as `rollout_update`)."""
+    try:
+        return PlanOverride.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+@admin.post("/experiments/{name}/plan/{action}",
+            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                "schema": PlanOverride.model_json_schema()}}}})  # fmt: skip
+async def override_plan(
+    request: Request,
+    name: str,
+    action: str,
+    body: Annotated[PlanOverride, Depends(plan_override)],
+    actor: Annotated[str, Depends(require_admin)],
+) -> dict[str, Any]:
+    """pause | resume | promote | abort: a person's word, which always wins over the controller's."""
+    runtime = _runtime(request)
+    _experiment(runtime, name)
+    if action not in OVERRIDES:
+        raise NotFound(f"no plan action {action!r} (one of {', '.join(OVERRIDES)})", param="action",
+                       code="unknown_action")  # fmt: skip
+    plan = runtime.settings.experiments[name].rollout_plan
+    try:
+        state = await override(_plans(runtime), plan, name, action, by=actor, reason=body.reason,
+                               clock_now=time.time(), wall_now=time.time())  # fmt: skip
+    except OverrideRefused as exc:
+        raise StateConflict(str(exc), param="action", code="plan_action_refused") from None
+    runtime.rollout.apply_own_write(await runtime.store.get(name))
+    return {"experiment": name, "state": _plan_view(state)}
 
 
 @admin.get("/experiments/{name}/audit")
