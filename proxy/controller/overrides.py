@@ -8,7 +8,7 @@ on top of what it did (read again and retried), so the last word is the person's
     resume    paused -> running (same phase, same data window); halted, rolled back or aborted -> running
               at the current phase (aborted: the first) with its percent and a fresh data window, so old
               evidence (the mismatch, the regression) does not decide again; no plan yet -> started
-    promote   to the next phase now, whatever the gates say
+    promote   to the next phase now, whatever the gates say (not from aborted: resume first)
     abort     to 0 % at once; the plan stops until resumed
 """
 
@@ -71,6 +71,8 @@ def _move(plan: list[PhaseConfig], state: PlanState | None, action: Override, *,
         index = 0 if state.status == "aborted" else state.phase
         return enter(plan, index, action="resume", by=by, reason=said, clock_now=clock_now, wall_now=wall_now)
     if action == "promote":
+        if state.status == "aborted":
+            raise OverrideRefused("the plan is aborted: resume it (from the first phase) before promoting")
         if state.phase >= len(plan) - 1:
             raise OverrideRefused(f"phase {state.phase_name} is the last: nothing to promote to")
         return enter(plan, state.phase + 1, action="promote", by=by, reason=said, clock_now=clock_now,

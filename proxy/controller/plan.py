@@ -77,6 +77,8 @@ class GateConfig(BaseModel):
                    "humaneval": {"min_win_rate", "min_votes"}, "offline_eval": set()}[kind]  # fmt: skip
         foreign = {"max_regression", "max_ratio", "non_inferior_margin", "superior", "min_win_rate"} - allowed
         stray = sorted(f for f in foreign if getattr(self, f) is not None)
+        if kind != "humaneval" and "min_votes" in self.model_fields_set:  # it has a default: set means given
+            stray = sorted([*stray, "min_votes"])
         if stray:
             raise ValueError(f"{stray[0]} does not apply to a {kind} gate")
         if kind == "guardrail" and (self.max_regression is None) == (self.max_ratio is None):
