@@ -52,8 +52,10 @@ def controller_command(config: str | None, once: bool, metrics_port: int | None,
         controller = Controller(settings, redis, engine, registry=registry, notifier=notifier)
         try:
             if once:
-                await controller.tick()
-                await controller.lock.release()
+                try:
+                    await controller.tick()
+                finally:
+                    await controller.lock.release()
                 return
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

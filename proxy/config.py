@@ -423,7 +423,9 @@ def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str], *, upstream_
             "user_hash_key": env.get("ABPROXY_USER_HASH_KEY", ""),
             "signing_key": env.get("ABPROXY_SIGNING_KEY", ""),
             "controller": settings.controller.model_copy(
-                update={"webhook_url": env.get("ABPROXY_WEBHOOK_URL") or settings.controller.webhook_url}
+                # Stripped: a URL read from a secret file often ends in a newline.
+                update={"webhook_url": (env.get("ABPROXY_WEBHOOK_URL") or settings.controller.webhook_url or "").strip()
+                        or None}
             ),
             "store": settings.store.model_copy(update={"url": env.get("ABPROXY_STORE_URL", settings.store.url)}),
         }

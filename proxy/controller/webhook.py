@@ -35,7 +35,7 @@ class Notifier:
             async with httpx.AsyncClient(timeout=self._timeout_s) as client:
                 response = await client.post(self._url, json={"text": text})
             response.raise_for_status()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError (a URL with a newline)
             self.failures += 1
             # The URL holds the webhook's secret: never logged.
             log.warning("webhook_failed", experiment=experiment, error=type(exc).__name__)
