@@ -1,8 +1,10 @@
 """`abproxy demo`: the whole product on one machine, with no API key.
 
 Starts Redis (unless REDIS_URL is set), two mock upstreams, the proxy and the collector (into a
-SQLite store), then drives simulated users through the official openai client while ramping the
-rollout 10 % -> 50 % through the admin API. Each answer gets feedback through the same client,
+SQLite store). It first evaluates both models offline on the shipped held-out set, then lets the
+rollout controller walk the staged plan canary 10 % -> beta 50 % -> GA 100 % on a simulated clock,
+driving simulated users through the official openai client in each phase. Each beta answer gets
+feedback through the same client,
 drawn from a known truth: the fine-tune completes more tasks (70 % -> 78 %), pleases more
 (CSAT 3.8 -> 4.1) and escalates less (28 % -> 21 %). It prints per-variant tables from the
 event stream, then the experiment report from the store, which should find that truth.
@@ -208,6 +210,16 @@ def _demo_config(base_port: int, ft_port: int) -> dict[str, Any]:
             EXPERIMENT: {
                 "aliases": [EXPERIMENT, "gpt-4o-mini"], "control": "base", "treatment": "finetuned",
                 "salt": SALT, "rollout_percent": 0,
+                # Driven by the controller on a simulated clock: a week of canary, two of beta, then GA.
+                "rollout_plan": [
+                    {"name": "canary", "percent": 10, "min_duration": "7d", "min_users_per_variant": 100,
+                     "gates": [{"guardrail": "error_rate", "max_regression": 0.02},
+                               {"guardrail": "latency_p95", "max_ratio": 1.6}]},
+                    {"name": "beta", "percent": 50, "min_duration": "14d",
+                     "gates": [{"metric": "task_completed", "non_inferior_margin": 0.02},
+                               {"metric": "csat", "non_inferior_margin": 0.1}]},
+                    {"name": "ga", "percent": 100},
+                ],
                 "analysis": {
                     "primary_metric": "task_completed", "secondary_metrics": ["csat", "escalated"],
                     "mde": 0.05, "planned_users_per_variant": 800,
@@ -324,30 +336,80 @@ def _read_events(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.startswith(b"{")]
 
 
-async def _ramp(
-    url: str, token: str, user_ids: list[str], requests_per_user: int, concurrency: int, console: Console
-) -> tuple[dict[int, dict[str, str]], list[float], list[dict[str, Any]]]:
-    """Ramp 10 % -> 50 % through the admin API, driving every user at each step."""
-    served: dict[int, dict[str, str]] = {}
+@dataclass
+class _SimulatedClock:
+    """The controller's clock for phase durations: a week passes when the demo says so."""
+
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _staged_rollout(
+    running: Running, user_ids: list[str], requests_per_user: int, concurrency: int, console: Console
+) -> tuple[dict[float, dict[str, str]], list[float], list[dict[str, Any]], list[Any]]:
+    """The controller walks the plan canary -> beta -> GA; every user is driven in each phase.
+
+    The controller runs in this process with a simulated clock, so "7 days of canary" is one round of
+    traffic; its data windows are the real ones, as the proxy stamps requests with the wall clock.
+    """
+    import redis.asyncio as aioredis
+
+    from proxy.controller.controller import Controller
+    from proxy.logs import configure_logging
+    from proxy.rollout import RolloutStore
+    from proxy.store.db import engine_for
+
+    configure_logging("warning")  # the demo prints each decision itself; its JSON log line would repeat it
+
+    settings = load_settings(running.config, {**os.environ, "ABPROXY_STORE_URL": running.store_url},
+                             upstream_keys=False)  # fmt: skip
+    engine = engine_for(running.store_url)
+    redis = aioredis.from_url(running.redis_url, decode_responses=True)
+    clock = _SimulatedClock(time.time())
+    controller = Controller(settings, redis, engine, clock=clock)
+    rollout = RolloutStore(redis, {EXPERIMENT: 0.0})
+    served: dict[float, dict[str, str]] = {}
     marks: list[float] = []
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as admin:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="demo-client-key", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="demo-client-key", max_retries=0)
+    try:
+        started = (await controller.tick())[EXPERIMENT]
+        console.print(f"controller: {started.decision.action}: {started.decision.reason}", markup=False)
         with Progress(console=console) as progress:
-            for percent, reason in ((10, "canary"), (50, "beta")):
-                response = await admin.put(
-                    f"/admin/experiments/{EXPERIMENT}/rollout", json={"percent": percent, "reason": reason}
-                )
-                response.raise_for_status()
+            for phase, days in (("canary", 7), ("beta", 14)):
+                await asyncio.sleep(0.2)  # the proxies follow the percent by pub/sub within milliseconds
+                percent = (await rollout.get(EXPERIMENT)).percent
                 marks.append(time.time())
-                label = f"rollout {percent:>3}%"
                 # Outcomes are reported in the beta phase, the one the report analyses.
-                served[percent] = await _drive(
-                    client, user_ids, requests_per_user, concurrency, progress, label, feedback=percent == 50
-                )
+                served[percent] = await _drive(client, user_ids, requests_per_user, concurrency, progress,
+                                               f"{phase} {percent:>3g}%", feedback=phase == "beta")  # fmt: skip
+                await asyncio.sleep(0.3)  # the proxy flushes events every 100 ms
+                await asyncio.to_thread(_wait_collected, running)
+                clock.now += days * 86_400
+                outcome = (await controller.tick())[EXPERIMENT]
+                console.print(f"controller after {days} simulated days of {phase}: {outcome.decision.action}: "
+                              f"{outcome.decision.reason}", markup=False)  # fmt: skip
+        decisions = list(reversed(await controller.store.decisions(EXPERIMENT, 20)))
+    finally:
         await client.close()
+        await redis.aclose()
+        engine.dispose()
+    async with httpx.AsyncClient(base_url=running.url, headers={"Authorization": f"Bearer {running.token}"},
+                                 timeout=10) as admin:  # fmt: skip
         audit = (await admin.get(f"/admin/experiments/{EXPERIMENT}/audit")).json()["entries"]
-    return served, marks, audit
+    return served, marks, audit, decisions
+
+
+def _decisions(console: Console, decisions: list[Any]) -> None:
+    """The controller's decisions with the evidence each gate gave: `abproxy rollout plan` shows the same."""
+    table = Table("action", "phase", "percent", "gates (evidence)", title="staged rollout: the controller's decisions",
+                  title_justify="left", show_lines=True)  # fmt: skip
+    for d in decisions:
+        gates = "\n".join(f"{g['gate']}: {g['status']} ({g['detail']})"
+                          for g in (d.evidence or {}).get("gates", []))  # fmt: skip
+        table.add_row(d.action, d.phase_to, f"{d.percent_from:g}% -> {d.percent_to:g}%", gates or d.reason)
+    console.print(table)
 
 
 def _wait_collected(running: Running, timeout_s: float = 60.0) -> None:
@@ -407,8 +469,8 @@ def run_demo(users: int = 2000, requests_per_user: int = 2, concurrency: int = 3
     user_ids = [f"user-{i:05d}" for i in range(users)]
     with running_stack(console) as running:
         _offline_eval(console, running)
-        served, marks, audit = asyncio.run(
-            _ramp(running.url, running.token, user_ids, requests_per_user, concurrency, console)
+        served, marks, audit, decisions = asyncio.run(
+            _staged_rollout(running, user_ids, requests_per_user, concurrency, console)
         )
         time.sleep(0.3)  # the proxy flushes events every 100 ms
         events = _read_events(running.events)
@@ -422,13 +484,16 @@ def run_demo(users: int = 2000, requests_per_user: int = 2, concurrency: int = 3
         report = report_from_store(engine, settings, EXPERIMENT, since=marks[1], until=None, now=time.time())
         engine.dispose()
 
-    _report(console, [e for e in events if e["ts"] < marks[1]], "rollout 10 % (canary)")
-    _report(console, [e for e in events if e["ts"] >= marks[1]], "rollout 50 % (beta)")
-    moved_back = sum(1 for u in user_ids if served[10].get(u) == "treatment" and served[50].get(u) == "control")
-    expected = {u: choose_variant(bucket(SALT, u), threshold(50)) for u in user_ids}
-    agree = sum(1 for u in user_ids if served[50].get(u) == expected[u])
+    first, second = (list(served) * 2)[:2]  # the same percent twice if the controller held
+    _report(console, [e for e in events if e["ts"] < marks[1]], f"rollout {first:g} % (canary)")
+    _report(console, [e for e in events if e["ts"] >= marks[1]], f"rollout {second:g} % (beta)")
+    moved_back = sum(1 for u in user_ids
+                     if served[first].get(u) == "treatment" and served[second].get(u) == "control")  # fmt: skip
+    expected = {u: choose_variant(bucket(SALT, u), threshold(second)) for u in user_ids}
+    agree = sum(1 for u in user_ids if served[second].get(u) == expected[u])
     console.print(f"users moved from treatment back to control when the rollout rose: [bold]{moved_back}[/]")
-    console.print(f"users whose variant matches the public formula at 50 %: [bold]{agree}/{len(user_ids)}[/]")
+    console.print(f"users whose variant matches the public formula at {second:g} %: [bold]{agree}/{len(user_ids)}[/]")
+    _decisions(console, decisions)
     steps = ", ".join(f"{e['from']:g}% -> {e['to']:g}% ({e['reason']})" for e in reversed(audit))
     console.print(f"audit trail: {steps}")
     console.print(f"[dim]{len(events)} events read from the proxy's event stream[/]")
