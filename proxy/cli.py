@@ -286,9 +286,11 @@ def rollout_plan(experiment: str, dry_run: bool, limit: int, config: str | None)
                    "the time; a deterministic wrong answer otherwise.")  # fmt: skip
 @click.option("--skill", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
               help="Share of --answers prompts answered exactly (which ones: a hash of --name and the prompt).")
+@click.option("--error-rate", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Share of requests answered 500 (drawn from a generator seeded by --name).")
 def mock_upstream(
     port: int, name: str, host: str, latency_ms: float, tokens_per_s: float, api_key: str | None, fail_first: int,
-    fail_status: int, retry_after: str, answers_file: str | None, skill: float,
+    fail_status: int, retry_after: str, answers_file: str | None, skill: float, error_rate: float,
 ) -> None:
     """Run a small OpenAI-compatible server for demos, tests and benchmarks."""
     from proxy.mock_upstream import load_answers, run
@@ -301,7 +303,8 @@ def mock_upstream(
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise click.ClickException(f"--answers {answers_file}: {reason}") from None
     run(host=host, port=port, name=name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key,
-        fail_first=fail_first, fail_status=fail_status, retry_after=retry_after, answers=answers, skill=skill)
+        fail_first=fail_first, fail_status=fail_status, retry_after=retry_after, answers=answers, skill=skill,
+        error_rate=error_rate)
 
 
 @main.command()

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import random
 import re
 import struct
 import time
@@ -52,6 +53,8 @@ class MockState:
     retry_after: str = "0"  # the Retry-After header of those failures; "" = none
     answers: Mapping[str, str] = field(default_factory=dict)  # test-set prompt (stripped) -> expected answer
     skill: float = 1.0  # the share of those prompts answered exactly (see answer())
+    error_rate: float = 0.0  # this share of POSTs answers 500, drawn from a generator seeded by the name
+    errors: random.Random = field(default_factory=random.Random)
     last_id: int = 0  # never reset, so ids stay unique for the life of the process
     requests: int = 0
     streams_started: int = 0
@@ -139,6 +142,8 @@ async def _prologue(request: web.Request, ctx: _Ctx, parsed: Any) -> None:
     if state.api_key is not None and request.headers.get("Authorization") != f"Bearer {state.api_key}":
         raise _OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
     latency_ms = state.latency_ms
+    if request.method == "POST" and state.error_rate > 0 and state.errors.random() < state.error_rate:
+        raise _OpenAIError(500, "mock server error", type_="server_error", code="mock_error_rate")
     if request.method == "POST" and state.fail_first > 0:
         state.fail_first -= 1
         headers = {"Retry-After": state.retry_after} if state.retry_after else {}
@@ -464,7 +469,7 @@ async def _reset(request: web.Request) -> web.Response:
 def build_app(
     name: str, *, latency_ms: float = 0.0, tokens_per_s: float = 0.0, api_key: str | None = None,
     fail_first: int = 0, fail_status: int = 429, retry_after: str = "0",
-    answers: Mapping[str, str] | None = None, skill: float = 1.0,
+    answers: Mapping[str, str] | None = None, skill: float = 1.0, error_rate: float = 0.0,
 ) -> web.Application:
     """Build the mock upstream application (see module docstring for the endpoints).
 
@@ -478,7 +483,8 @@ def build_app(
     app = web.Application()
     app[STATE] = MockState(name=name, latency_ms=max(0.0, latency_ms), tokens_per_s=max(0.0, tokens_per_s),
                            api_key=api_key, fail_first=max(0, fail_first), fail_status=fail_status,
-                           retry_after=retry_after, answers=dict(answers or {}), skill=skill)
+                           retry_after=retry_after, answers=dict(answers or {}), skill=skill,
+                           error_rate=min(max(error_rate, 0.0), 1.0), errors=random.Random(name))
     app.router.add_post("/v1/chat/completions", _v1(_chat))
     app.router.add_post("/v1/completions", _v1(_completions))
     app.router.add_post("/v1/embeddings", _v1(_embeddings))
@@ -492,11 +498,12 @@ def build_app(
 def run(
     *, host: str = "127.0.0.1", port: int, name: str, latency_ms: float = 0.0,
     tokens_per_s: float = 0.0, api_key: str | None = None, fail_first: int = 0, fail_status: int = 429,
-    retry_after: str = "0", answers: Mapping[str, str] | None = None, skill: float = 1.0,
+    retry_after: str = "0", answers: Mapping[str, str] | None = None, skill: float = 1.0, error_rate: float = 0.0,
 ) -> None:
     """Serve a mock upstream until interrupted (blocking); backs ``abproxy mock-upstream``."""
     app = build_app(name, latency_ms=latency_ms, tokens_per_s=tokens_per_s, api_key=api_key, fail_first=fail_first,
-                    fail_status=fail_status, retry_after=retry_after, answers=answers, skill=skill)
+                    fail_status=fail_status, retry_after=retry_after, answers=answers, skill=skill,
+                    error_rate=error_rate)
 
     def announce(*_: Any) -> None:
         # run_app calls its ``print`` hook only after the sockets are bound, so whoever
