@@ -25,6 +25,7 @@ import pytest
 import yaml
 from click import Context
 
+from proxy.assignment import bucket, choose_variant, threshold
 from proxy.cli import main as cli
 from proxy.config import Settings, load_settings, settings_from_dict
 from proxy.store.db import normalise_url
@@ -37,8 +38,10 @@ KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
 SCHEMAS = ROOT / "deploy" / "schemas"
 K8S_VERSION = "1.32.0"  # the oldest Kubernetes minor the manifests promise to work on
 SECRET_NAME = "abproxy-secrets"
-PROXY, COLLECTOR = "abproxy", "abproxy-collector"  # the Deployments' names
-STACK = {"redis", "mock-base", "mock-finetuned", "proxy", "prometheus", "grafana", "traffic", "postgres", "collector"}
+PROXY, COLLECTOR, CONTROLLER = "abproxy", "abproxy-collector", "abproxy-controller"  # the Deployments' names
+STACK = {"redis", "mock-base", "mock-finetuned", "proxy", "prometheus", "grafana", "traffic", "postgres", "collector",
+         "controller"}  # fmt: skip
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 # What the image holds at /app/config (Dockerfile: WORKDIR /app, COPY config ./config).
 IMAGE_CONFIG_DIR = "/app/config/"
 
@@ -201,10 +204,50 @@ class TestCompose:
         """The traffic generator posts simulated feedback, so the stack's report has outcomes to analyse."""
         assert "--feedback" in _compose()["services"]["traffic"]["command"]
 
+    def test_controller_drives_the_demo_plan(self) -> None:
+        """The controller runs the proxy's config, which has a rollout plan (without one it exits), on Redis
+        and the store, and serves the metrics port Prometheus scrapes as job abproxy-controller."""
+        services = _compose()["services"]
+        controller = services["controller"]
+        command, args = controller["command"][0], controller["command"][1:]
+        assert command == "controller" and "--once" not in args
+        assert _host_config(controller) == _host_config(services["proxy"])
+        settings = load_settings(_host_config(controller), {}, upstream_keys=False)
+        plan = settings.experiments["sales-companion"].rollout_plan
+        assert plan and plan[0].gates, "the demo plan must start with a gated phase"
+        assert settings.experiments["sales-companion"].rollout_percent == 0  # the plan's start sets the percent
+        assert controller["environment"]["REDIS_URL"] == services["proxy"]["environment"]["REDIS_URL"]
+        store_url = services["collector"]["environment"]["ABPROXY_STORE_URL"]
+        assert controller["environment"]["ABPROXY_STORE_URL"] == store_url
+        assert controller["depends_on"] == services["collector"]["depends_on"]
+        assert controller["restart"] == "unless-stopped"
+        port = args[args.index("--metrics-port") + 1]
+        assert f"127.0.0.1:{port}/metrics" in " ".join(controller["healthcheck"]["test"])
+        jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]}
+        assert jobs["abproxy-controller"]["static_configs"] == [{"targets": [f"controller:{port}"]}]
+
+    def test_demo_plan_can_pass_its_user_minimums(self) -> None:
+        """Each phase's min_users_per_variant is within reach of the traffic generator's user pool (ids user-0 ..
+        user-N-1, assigned by the public hash): a minimum above it would hold the demo plan for ever."""
+        traffic = _compose()["services"]["traffic"]["command"]
+        users = int(traffic[traffic.index("--users") + 1])
+        settings = load_settings(_host_config(_compose()["services"]["controller"]), {}, upstream_keys=False)
+        experiment = settings.experiments["sales-companion"]
+        for phase in experiment.rollout_plan:
+            treated = sum(choose_variant(bucket(experiment.salt, f"user-{i}"), threshold(phase.percent)) == "treatment"
+                          for i in range(users))  # fmt: skip
+            assert phase.min_users_per_variant <= min(treated, users - treated), (phase.name, treated)
+
+    def test_nothing_else_sets_the_percent(self) -> None:
+        """With a plan in the config, the traffic generator does not ramp the rollout: a percent set through
+        the admin API would pause the plan."""
+        traffic = _compose()["services"]["traffic"]["command"]
+        assert not {"--ramp", "--ramp-every", "--admin-url"} & set(traffic)
+
     def test_abproxy_commands_parse(self) -> None:
         """Each service built from the image runs an abproxy command whose options the CLI accepts."""
         built = {name: s for name, s in _compose()["services"].items() if "build" in s}
-        assert set(built) >= {"proxy", "mock-base", "mock-finetuned", "traffic", "collector"}
+        assert set(built) >= {"proxy", "mock-base", "mock-finetuned", "traffic", "collector", "controller"}
         for name, service in built.items():
             command, *args = service["command"]
             assert command in cli.commands, f"{name}: abproxy has no command {command!r}"
@@ -223,6 +266,7 @@ class TestCompose:
         assert services["proxy"]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services["traffic"]["depends_on"]["proxy"]["condition"] == "service_healthy"
         assert services["collector"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert services["controller"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
     def test_third_party_images_are_pinned(self) -> None:
         """Images pulled from a registry name an explicit tag, never latest."""
@@ -280,6 +324,12 @@ def _rendered() -> list[dict[str, Any]]:
 def _one(kind: str) -> dict[str, Any]:
     docs = [doc for doc in _rendered() if doc["kind"] == kind]
     assert len(docs) == 1, f"expected one {kind}, rendered {len(docs)}"
+    return docs[0]
+
+
+def _service(name: str = PROXY) -> dict[str, Any]:
+    docs = [doc for doc in _rendered() if doc["kind"] == "Service" and doc["metadata"]["name"] == name]
+    assert len(docs) == 1, f"expected one Service {name}, rendered {len(docs)}"
     return docs[0]
 
 
@@ -343,12 +393,14 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 class TestKubernetes:
     def test_renders_the_expected_objects(self) -> None:
-        """kubectl kustomize renders exactly the proxy's and the collector's objects, and no Secret."""
+        """kubectl kustomize renders exactly the proxy's, the collector's and the controller's objects, and no
+        Secret."""
         kinds = sorted(doc["kind"] for doc in _rendered())
-        assert kinds == sorted(["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
-                                "PodDisruptionBudget", "Service", "ServiceMonitor"])
+        assert kinds == sorted(["ConfigMap", "Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler",
+                                "PodDisruptionBudget", "Service", "Service", "ServiceMonitor"])
         deployments = {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Deployment"}
-        assert deployments == {PROXY, COLLECTOR}
+        assert deployments == {PROXY, COLLECTOR, CONTROLLER}
+        assert {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Service"} == {PROXY, CONTROLLER}
 
     def test_builtin_kinds_validate_strictly(self) -> None:
         """Every built-in object validates against the Kubernetes schemas, unknown fields refused."""
@@ -371,7 +423,7 @@ class TestKubernetes:
 
     def test_servicemonitor_scrapes_the_metrics_port(self) -> None:
         """The ServiceMonitor selects the Service and scrapes its port named metrics, which is 9091."""
-        monitor, service = _one("ServiceMonitor"), _one("Service")
+        monitor, service = _one("ServiceMonitor"), _service()
         assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
         ports = {p["name"]: p for p in service["spec"]["ports"]}
@@ -409,14 +461,15 @@ class TestKubernetes:
         secret = yaml.safe_load((KUSTOMIZE_DIR / "secret.example.yaml").read_text())
         kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
         assert secret["metadata"]["name"] == SECRET_NAME
-        read = {key for name in (PROXY, COLLECTOR) for key in _secret_env(_container(name)).values()}
+        read = {key for name in (PROXY, COLLECTOR, CONTROLLER) for key in _secret_env(_container(name)).values()}
         assert read <= set(secret["stringData"]), f"missing from the example: {read - set(secret['stringData'])}"
 
     def test_config_comes_from_the_generated_configmap(self) -> None:
-        """The proxy's and the collector's pods mount the generated (hash-suffixed) ConfigMap where --config points."""
+        """The proxy's, the collector's and the controller's pods mount the generated (hash-suffixed) ConfigMap where
+        --config points."""
         configmap = _one("ConfigMap")
         assert configmap["metadata"]["name"].startswith("abproxy-config-")  # the generator's hash suffix
-        for name in (PROXY, COLLECTOR):
+        for name in (PROXY, COLLECTOR, CONTROLLER):
             container = _container(name)
             volumes = {v["name"]: v for v in _pod(name)["volumes"]}
             config_path = Path(_config_arg(container["args"]))
@@ -435,9 +488,10 @@ class TestKubernetes:
         _check_outcomes(settings)
 
     def test_runs_non_root_on_a_read_only_root(self) -> None:
-        """Proxy and collector: non-root with the image's UID, read-only root filesystem, /tmp an emptyDir."""
+        """Proxy, collector and controller: non-root with the image's UID, read-only root filesystem, /tmp an
+        emptyDir."""
         image_uid = [args for op, args in _final_stage() if op == "USER"][-1].split(":")[0]
-        for name in (PROXY, COLLECTOR):
+        for name in (PROXY, COLLECTOR, CONTROLLER):
             pod, container = _pod(name), _container(name)
             assert pod["securityContext"]["runAsNonRoot"] is True
             assert pod["securityContext"]["runAsUser"] == int(image_uid)
@@ -454,7 +508,7 @@ class TestKubernetes:
         assert hpa["spec"]["minReplicas"] >= pdb["spec"]["minAvailable"] + 1
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
-        assert _matches(_one("Service")["spec"]["selector"], pod_labels)
+        assert _matches(_service()["spec"]["selector"], pod_labels)
 
     def test_collector_writes_the_store_from_the_secret(self) -> None:
         """The collector runs `abproxy collect` on the shared config, REDIS_URL and the store URL from the Secret."""
@@ -472,8 +526,56 @@ class TestKubernetes:
         collector_labels = _deployment(COLLECTOR)["spec"]["template"]["metadata"]["labels"]
         proxy_labels = _deployment()["spec"]["template"]["metadata"]["labels"]
         assert _matches(_deployment(COLLECTOR)["spec"]["selector"]["matchLabels"], collector_labels)
-        for name, selector in (("Service", _one("Service")["spec"]["selector"]),
+        for name, selector in (("Service", _service()["spec"]["selector"]),
                                ("PodDisruptionBudget", _one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]),
                                ("proxy Deployment", _deployment()["spec"]["selector"]["matchLabels"])):
             assert not _matches(selector, collector_labels), f"the {name} selects collector pods"
         assert not _matches(_deployment(COLLECTOR)["spec"]["selector"]["matchLabels"], proxy_labels)
+
+    def test_controller_drives_the_plan_from_the_secret(self) -> None:
+        """The controller runs `abproxy controller` (not --once) on the shared config, which has a rollout plan,
+        with Redis and the store from the Secret; 2 replicas, since only the lease holder acts."""
+        deployment, container = _deployment(CONTROLLER), _container(CONTROLLER)
+        args = container["args"]
+        assert args[0] == "controller" and "--once" not in args
+        assert _config_arg(args) == _config_arg(_container()["args"])
+        assert container["image"] == _container()["image"]
+        from_secret = _secret_env(container)
+        assert {"REDIS_URL": "REDIS_URL", "ABPROXY_STORE_URL": "ABPROXY_STORE_URL"}.items() <= from_secret.items()
+        assert not [e for e in container.get("env", []) if "value" in e], "literal values in the controller's env"
+        assert deployment["spec"]["replicas"] == 2
+        assert _deployed_settings().experiments["sales-companion"].rollout_plan, "without a plan the controller exits"
+        assert {"requests", "limits"} <= set(container["resources"])
+
+    def test_controller_metrics_are_scraped_and_probed(self) -> None:
+        """--metrics-port is the container's port `metrics`, probed over TCP and behind the headless Service
+        abproxy-controller (the alert rules' job), which the ServiceMonitor selects."""
+        container, service = _container(CONTROLLER), _service(CONTROLLER)
+        args = container["args"]
+        port = int(args[args.index("--metrics-port") + 1])
+        assert _port(container, "metrics") == port
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert _port(container, container[probe]["tcpSocket"]["port"]) == port, probe
+        assert service["spec"]["clusterIP"] == "None"
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["name"] == "metrics" and _port(container, service_port["targetPort"]) == port
+        assert _matches(service["spec"]["selector"], _deployment(CONTROLLER)["spec"]["template"]["metadata"]["labels"])
+        monitor = _one("ServiceMonitor")
+        assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert "metrics" in [e["port"] for e in monitor["spec"]["endpoints"]]
+        rules = (ROOT / "deploy" / "prometheus" / "rules" / "abproxy.rules.yml").read_text()
+        assert f'job="{service["metadata"]["name"]}"' in rules
+
+    def test_controller_pods_stay_apart(self) -> None:
+        """Controller pods are selected by their own Deployment and Service only, and select no other pod."""
+        controller = _deployment(CONTROLLER)
+        labels = controller["spec"]["template"]["metadata"]["labels"]
+        for name, selector in (("Service", _service()["spec"]["selector"]),
+                               ("PodDisruptionBudget", _one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]),
+                               ("proxy Deployment", _deployment()["spec"]["selector"]["matchLabels"]),
+                               ("collector Deployment", _deployment(COLLECTOR)["spec"]["selector"]["matchLabels"])):
+            assert not _matches(selector, labels), f"the {name} selects controller pods"
+        for other in (PROXY, COLLECTOR):
+            other_labels = _deployment(other)["spec"]["template"]["metadata"]["labels"]
+            assert not _matches(controller["spec"]["selector"]["matchLabels"], other_labels)
+            assert not _matches(_service(CONTROLLER)["spec"]["selector"], other_labels)

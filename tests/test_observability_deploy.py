@@ -3,7 +3,9 @@
 Three layers of proof: promtool checks the files and runs the rules' unit tests; the dashboard
 JSON is checked for what Grafana needs; and a real Prometheus scrapes a real proxy under traffic
 while every PromQL expression of the dashboard and the rules is evaluated against it, including a
-treatment regression that the alert expressions must catch.
+treatment regression that the alert expressions must catch. A rollout controller with a plan runs next
+to the proxy, so the staged-rollout panels, the decision annotation and the controller alerts are
+evaluated on its real series too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +30,17 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.assignment import bucket, choose_variant, threshold
-from tests.harness import MockUpstream, PrometheusServer, ProxyServer, RedisServer, proxy_config, wait_until
+from proxy.store.db import engine_for, migrate
+from tests.harness import (
+    MockUpstream,
+    Process,
+    PrometheusServer,
+    ProxyServer,
+    RedisServer,
+    free_port,
+    proxy_config,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_YML = REPO / "deploy/prometheus/prometheus.yml"
@@ -64,6 +77,11 @@ def _dashboard() -> dict[str, Any]:
 
 def _panels() -> list[dict[str, Any]]:
     return [p for p in _dashboard()["panels"] if p["type"] != "row"]
+
+
+def _annotation(name: str) -> dict[str, Any]:
+    (annotation,) = [a for a in _dashboard()["annotations"]["list"] if a["name"] == name]
+    return annotation  # type: ignore[no-any-return]
 
 
 def _dashboard_queries() -> list[tuple[str, str, str]]:
@@ -103,11 +121,15 @@ class TestPromtool:
         assert str(RULES) in output and "SUCCESS" in output
 
     def test_scrape_config(self) -> None:
-        """The compose stack scrapes job abproxy at proxy:9091 every 5 s."""
-        (job,) = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]
-        assert job["job_name"] == "abproxy"
-        assert job["scrape_interval"] == "5s"
-        assert job["static_configs"] == [{"targets": ["proxy:9091"]}]
+        """The compose stack scrapes job abproxy at proxy:9091 and job abproxy-controller at controller:9103,
+        every 5 s; the alert rules name both jobs."""
+        jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]}
+        assert set(jobs) == {"abproxy", "abproxy-controller"}
+        assert all(job["scrape_interval"] == "5s" for job in jobs.values())
+        assert jobs["abproxy"]["static_configs"] == [{"targets": ["proxy:9091"]}]
+        assert jobs["abproxy-controller"]["static_configs"] == [{"targets": ["controller:9103"]}]
+        exprs = " ".join(rule["expr"] for rule in _rules())
+        assert 'job="abproxy"' in exprs and 'job="abproxy-controller"' in exprs
 
     def test_check_rules(self) -> None:
         """promtool check rules accepts every rule."""
@@ -181,7 +203,7 @@ class TestDashboard:
         assert experiment["query"]["query"] == experiment["definition"]
         assert not experiment["multi"] and not experiment["includeAll"]
         unlabelled = {"abproxy_rejected_requests_total", "abproxy_redis_connected", "abproxy_rollout_cache_age_seconds",
-                      "abproxy_events_total", "abproxy_events_dropped_total"}  # fmt: skip
+                      "abproxy_events_total", "abproxy_events_dropped_total", "abproxy_controller_leader"}  # fmt: skip
         for where, expr, _ in _dashboard_queries():
             for selector in re.findall(r"(abproxy[\w:]*)(\{[^}]*\})?", expr):
                 name, matchers = selector
@@ -216,7 +238,9 @@ class TestDashboard:
         for words in ("latency p50 / p99", "Time to first token", "tokens per response", "Cost per query",
                       "Error rate", "Request share", "Rollout percent (live)", "Rollout percent over time",
                       "Latency ratio", "Error-rate difference", "Cost per query ratio", "Upstream errors by reason",
-                      "In-flight", "without a user id", "Redis connected", "Rollout cache age", "dropped"):  # fmt: skip
+                      "In-flight", "without a user id", "Redis connected", "Rollout cache age", "dropped",
+                      "plan's phase", "Plan phase and status", "Controller leader", "Gates of the current phase",
+                      "Controller decisions by action"):  # fmt: skip
             assert words.lower() in titles.lower(), words
         exprs = " ".join(expr for _, expr, _ in _dashboard_queries())
         for metric in ("abproxy_requests_total", "abproxy_request_duration_seconds_bucket",
@@ -225,18 +249,56 @@ class TestDashboard:
                        "abproxy_unidentified_requests_total", "abproxy_rejected_requests_total",
                        "abproxy_rollout_percent", "abproxy_rollout_last_change_timestamp_seconds",
                        "abproxy_redis_connected", "abproxy_rollout_cache_age_seconds", "abproxy_events_total",
-                       "abproxy_events_dropped_total"):  # fmt: skip
+                       "abproxy_events_dropped_total", "abproxy_rollout_plan_phase",
+                       "abproxy_rollout_plan_phase_current", "abproxy_rollout_plan_status", "abproxy_rollout_gate",
+                       "abproxy_controller_decisions_total", "abproxy_controller_leader"):  # fmt: skip
             assert metric in exprs, metric
         table = next(p for p in _panels() if p["type"] == "table")
         assert all(t["instant"] and t["format"] == "table" and "$__range" in t["expr"] for t in table["targets"])
 
     def test_rollout_changes_are_annotated(self) -> None:
         """Rollout changes are annotations placed at the change time (the gauge's value, in ms)."""
-        (annotation,) = [a for a in _dashboard()["annotations"]["list"] if "expr" in a]
+        annotation = _annotation("Rollout changes")
         assert annotation["enable"] and annotation["useValueForTime"]
         assert "abproxy_rollout_last_change_timestamp_seconds" in annotation["expr"]
         assert annotation["expr"].endswith("* 1000")
         assert annotation["target"]["expr"] == annotation["expr"]
+
+    def test_controller_decisions_are_annotated(self) -> None:
+        """Every decision that moves a plan is an annotation titled by its action and naming the experiment;
+        a first decision (a counter born at 1, which increase() cannot see) included."""
+        annotation = _annotation("Controller decisions")
+        assert annotation["enable"] and not annotation.get("useValueForTime")
+        expr = annotation["expr"]
+        assert annotation["target"]["expr"] == expr
+        assert 'action=~"start|promote|complete|rollback|halt"' in expr
+        assert "increase(abproxy_controller_decisions_total{" in expr and " unless " in expr and " offset " in expr
+        assert expr.endswith("> 0") and "by (experiment, action)" in expr
+        assert "{{action}}" in annotation["titleFormat"] and "{{experiment}}" in annotation["textFormat"]
+
+    def test_staged_rollout_row(self) -> None:
+        """A "Staged rollout" row: percent with the plan phase on a second axis, gate states mapped to
+        pass/wait/fail, decisions per action and the live leader count."""
+        panels = _dashboard()["panels"]
+        start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Staged rollout")
+        end = next((i for i, p in enumerate(panels) if p["type"] == "row" and i > start), len(panels))
+        row = {p["title"]: p for p in panels[start + 1 : end]}
+        percent = row["Rollout percent over time, and the plan's phase"]
+        assert [re.findall(r"abproxy_rollout_\w+", t["expr"])[0] for t in percent["targets"]] == [
+            "abproxy_rollout_percent", "abproxy_rollout_plan_phase"]
+        # The plan's gauges as the lease holder reports them: a replica that lost the lease keeps stale values.
+        for panel in row.values():
+            for t in panel["targets"]:
+                if re.search(r"abproxy_rollout_(plan|gate)", t["expr"]):
+                    assert "and on (job, instance) (abproxy_controller_leader == 1)" in t["expr"], panel["title"]
+        (phase_axis,) = percent["fieldConfig"]["overrides"]
+        assert {"id": "custom.axisPlacement", "value": "right"} in phase_axis["properties"]
+        gates = row["Gates of the current phase"]
+        assert gates["type"] == "state-timeline"
+        (mapping,) = gates["fieldConfig"]["defaults"]["mappings"]
+        assert {v: m["text"] for v, m in mapping["options"].items()} == {"1": "pass", "0": "wait", "-1": "fail"}
+        assert "by (action)" in row["Controller decisions by action"]["targets"][0]["expr"]
+        assert row["Controller leader"]["type"] == "stat"
 
     def test_provisioning(self) -> None:
         """Grafana provisions the datasource at http://prometheus:9090 and the dashboards directory."""
@@ -321,21 +383,64 @@ def _mix(users: dict[str, list[str]], unidentified: int) -> list[tuple[str, dict
     return requests
 
 
+# The controller's plan: it starts at the 50 % the proxy is already set to (so routing stays as the test set
+# it) and then holds, its gates waiting for data that the store, which no collector fills, never gets.
+PLAN = [{"name": "canary", "percent": 50, "min_duration": "1d",
+         "gates": [{"guardrail": "error_rate", "max_regression": 0.01}]},
+        {"name": "ga", "percent": 100}]  # fmt: skip
+
+
+def _controller(config: dict[str, Any], log_dir: Path, redis_url: str) -> tuple[Process, int]:
+    """`abproxy controller` with a plan for the experiment, on an empty SQLite store, ticking every second."""
+    store = f"sqlite:///{log_dir / 'controller-store.db'}"
+    engine = engine_for(store)
+    migrate(engine)
+    engine.dispose()
+    config = {**config, "experiments": {name: {**exp, "rollout_plan": PLAN}
+                                        for name, exp in config["experiments"].items()},
+              "events": {"redis_stream": {"enabled": True}}, "store": {"url": store},
+              "controller": {"interval_s": 1, "lease_s": 5}}  # fmt: skip
+    port = free_port()
+    config_file = log_dir / f"controller-{port}.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "proxy", "controller", "--config", str(config_file), "--metrics-port", str(port)]
+    return Process(f"controller-{port}", argv, log_dir, {"REDIS_URL": redis_url}), port
+
+
+def _controller_leads(port: int) -> bool:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return False
+    families = text_string_to_metric_families(text)
+    samples = {s.name: s.value for f in families for s in f.samples if not s.labels}
+    return samples.get("abproxy_controller_leader") == 1.0 and "abproxy_rollout_gate" in text
+
+
 @pytest.fixture(scope="module")
 def observed(
     upstreams: tuple[MockUpstream, MockUpstream], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[PrometheusServer, Traffic]]:
-    """A proxy at 50 % under healthy traffic in both variants, scraped by a real Prometheus every second."""
+    """A proxy at 50 % under healthy traffic in both variants and a rollout controller holding its plan's first
+    phase at 50 %, both scraped by a real Prometheus every second."""
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
     log_dir = tmp_path_factory.mktemp("observability")
-    proxy = ProxyServer(proxy_config(*upstreams), log_dir, redis_server.url)
+    config = proxy_config(*upstreams)
+    proxy = ProxyServer(config, log_dir, redis_server.url)
     proxy.start()
-    prometheus = PrometheusServer(log_dir, [f"127.0.0.1:{proxy.port}"], [RULES])
+    controller, controller_port = _controller(config, log_dir, redis_server.url)
+    prometheus = PrometheusServer(log_dir, [f"127.0.0.1:{proxy.port}", f"127.0.0.1:{controller_port}"], [RULES])
     traffic = Traffic(proxy)
     try:
         proxy.set_percent(50, EXPERIMENT, reason="observability test")
+        controller.start()
+        try:
+            wait_until(lambda: _controller_leads(controller_port), timeout=30, interval=0.2,
+                       what="the controller to lead and judge the plan's gates")  # fmt: skip
+        except TimeoutError:
+            raise RuntimeError(f"the controller did not start\n{controller.logs()}") from None
         prometheus.start()
         # Every series first appears with whatever it counted before its first scrape, and rate()
         # cannot see that first increase; so one round creates every series, then the real traffic.
@@ -348,6 +453,7 @@ def observed(
     finally:
         traffic.http.close()
         prometheus.stop()
+        controller.stop()
         proxy.stop()
 
 
@@ -387,9 +493,22 @@ class TestAgainstPrometheus:
     def test_rollout_annotation_is_at_the_change_time(self, observed: tuple[PrometheusServer, Traffic]) -> None:
         """The rollout annotation's value is the change time in milliseconds (Grafana's time unit)."""
         prometheus, _ = observed
-        (annotation,) = [a for a in _dashboard()["annotations"]["list"] if "expr" in a]
-        (series,) = prometheus.query(as_promql(annotation["expr"]))
+        (series,) = prometheus.query(as_promql(_annotation("Rollout changes")["expr"]))
         assert abs(float(series["value"][1]) / 1000 - time.time()) < 3600
+
+    def test_controller_series(self, observed: tuple[PrometheusServer, Traffic]) -> None:
+        """The controller's plan started at the percent already set (no rollout change), runs in its first phase,
+        and the decision annotation marks that start."""
+        prometheus, _ = observed
+        assert prometheus.query(f'abproxy_rollout_plan_status{{experiment="{EXPERIMENT}",status="running"}} == 1')
+        assert prometheus.query(f'abproxy_rollout_plan_phase_current{{experiment="{EXPERIMENT}",phase="canary"}} == 1')
+        gates = {s["metric"]["gate"] for s in prometheus.query(f'abproxy_rollout_gate{{experiment="{EXPERIMENT}"}}')}
+        assert gates == {"min_duration", "min_users", "guardrail:error_rate"}
+        (percent,) = prometheus.query(f'max(abproxy_rollout_percent{{experiment="{EXPERIMENT}"}})')
+        assert float(percent["value"][1]) == 50
+        marks = prometheus.query(as_promql(_annotation("Controller decisions")["expr"]))
+        assert [{k: s["metric"][k] for k in ("experiment", "action")} for s in marks] == [
+            {"experiment": EXPERIMENT, "action": "start"}]
 
     def test_every_rule_expression(self, observed: tuple[PrometheusServer, Traffic]) -> None:
         """Every recording rule's expr and recorded series returns series (per-variant ones for both

@@ -9,7 +9,8 @@ it differs from this script's output, and evaluates every query in it against a 
 Queries use Grafana's variables: `$datasource`, `$experiment`, `$__rate_interval` (time series)
 and `$__range` (the seed table, over the whole selected range). The control-vs-treatment row
 reads the recording rules of deploy/prometheus/rules/abproxy.rules.yml, so it shows exactly what
-the alerts judge.
+the alerts judge. The staged-rollout row reads the series `abproxy controller` exports (its own scrape
+job); controller decisions are also an annotation on every panel.
 """
 
 from __future__ import annotations
@@ -156,6 +157,116 @@ def rollout_stat() -> Json:
     }
 
 
+def new_or_increase(counter: str, matchers: str = EXP, window: str = "$__rate_interval") -> str:
+    """What a counter gained in `window`, first increments included.
+
+    A labelled counter appears only when first incremented, already at 1, and increase() needs two
+    samples, so it never sees that first step. A series born inside the window gained its whole
+    value there; any other series gained what increase() says.
+    """
+    selector = f"{counter}{{{matchers}}}"
+    return f"({selector} unless {selector} offset {window}) or increase({selector}[{window}])"
+
+
+def led(metric: str, matchers: str = EXP) -> str:
+    """The lease holder's view of a plan gauge: a controller replica that lost the lease keeps its last values."""
+    return f"({metric}{{{matchers}}} and on (job, instance) (abproxy_controller_leader == 1))"
+
+
+# The controller's decisions that move the plan (a hold is logged and stored, but not counted).
+DECISION_ACTIONS = "start|promote|complete|rollback|halt"
+GATE_STATES = {"1": ("pass", "green"), "0": ("wait", "yellow"), "-1": ("fail", "red")}
+
+
+def rollout_and_phase() -> Json:
+    """The live percent (left axis) and the plan's phase index (right axis, stepped)."""
+    panel = timeseries("Rollout percent over time, and the plan's phase", [
+        target(f"max(abproxy_rollout_percent{{{EXP}}})", "rollout %"),
+        target(f"max {led('abproxy_rollout_plan_phase')}", "plan phase (0 = first)"),
+    ], "percent", "The live rollout percent (left) and the index of the rollout plan's current phase (right, "
+       "from the controller). Rollout changes and controller decisions are marked as annotations.",
+       min=0, max=100)  # fmt: skip
+    panel["fieldConfig"]["overrides"] = [{
+        "matcher": {"id": "byFrameRefID", "options": "B"},
+        "properties": [{"id": "unit", "value": "none"}, {"id": "decimals", "value": 0}, {"id": "min", "value": 0},
+                       {"id": "max", "value": None}, {"id": "custom.axisPlacement", "value": "right"},
+                       {"id": "custom.lineInterpolation", "value": "stepAfter"}],
+    }]  # fmt: skip
+    return panel
+
+
+def plan_stat() -> Json:
+    """The plan's current phase and status, by name (each series is 1 only for the current one)."""
+    return {
+        "type": "stat",
+        "title": "Plan phase and status (live)",
+        "description": "The rollout plan's current phase and its status: running, paused, halted, rolled_back, "
+        "aborted or completed, as the controller holding the lease reports them. Empty: no leading controller, or no "
+        "plan for this experiment.",
+        "datasource": DS,
+        "targets": [
+            target(f"max by (phase) ({led('abproxy_rollout_plan_phase_current')} == 1)", "{{phase}}", instant=True,
+                   range=False),
+            target(f"max by (status) ({led('abproxy_rollout_plan_status')} == 1)", "{{status}}", "B", instant=True,
+                   range=False),
+        ],
+        "fieldConfig": {"defaults": {"unit": "none", "color": {"mode": "fixed", "fixedColor": "text"}},
+                        "overrides": []},
+        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                    "colorMode": "none", "graphMode": "none", "textMode": "name", "orientation": "vertical"},
+    }
+
+
+def leader_stat() -> Json:
+    return {
+        "type": "stat",
+        "title": "Controller leader",
+        "description": "Controllers holding the Redis lease, over all controller replicas: 1 is right (only the "
+        "holder acts); 0 for 5 minutes alerts (RolloutControllerNoLeader).",
+        "datasource": DS,
+        "targets": [target("sum(abproxy_controller_leader)", "leaders", instant=True, range=False)],
+        "fieldConfig": {"defaults": {
+            "unit": "none", "decimals": 0,
+            "thresholds": {"mode": "absolute", "steps": [{"color": "red", "value": None},
+                                                          {"color": "green", "value": 1}]},
+        }, "overrides": []},
+        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                    "colorMode": "background", "graphMode": "none", "textMode": "value"},
+    }
+
+
+def gate_timeline() -> Json:
+    mappings = [{"type": "value", "options": {value: {"text": text, "color": color, "index": i}
+                                              for i, (value, (text, color)) in enumerate(GATE_STATES.items())}}]
+    return {
+        "type": "state-timeline",
+        "title": "Gates of the current phase",
+        "description": "Each gate the controller judges the current phase by: pass, wait (not enough evidence "
+        "yet) or fail. min_duration and min_users are the phase's own minimums.",
+        "datasource": DS,
+        "targets": [target(f"max by (gate) {led('abproxy_rollout_gate')}", "{{gate}}")],
+        "fieldConfig": {"defaults": {"mappings": mappings, "color": {"mode": "thresholds"},
+                                     "thresholds": {"mode": "absolute", "steps": [{"color": "red", "value": None},
+                                                                                  {"color": "yellow", "value": 0},
+                                                                                  {"color": "green", "value": 1}]},
+                                     "custom": {"fillOpacity": 80, "lineWidth": 0}},
+                        "overrides": []},
+        "options": {"showValue": "auto", "mergeValues": True, "rowHeight": 0.9, "alignValue": "left",
+                    "legend": {"displayMode": "list", "placement": "bottom", "showLegend": False},
+                    "tooltip": {"mode": "single", "sort": "none"}},
+    }
+
+
+def decisions_panel() -> Json:
+    panel = timeseries("Controller decisions by action", [
+        target(f"sum by (action) ({new_or_increase('abproxy_controller_decisions_total')})", "{{action}}"),
+    ], "short", "Decisions the controller wrote per interval: start, promote, complete, rollback, halt. A hold "
+       "is not counted; it is in the decision log (abproxy rollout plan NAME).", min=0)  # fmt: skip
+    panel["fieldConfig"]["defaults"]["custom"] = {"drawStyle": "bars", "lineWidth": 1, "fillOpacity": 80,
+                                                  "spanNulls": False, "showPoints": "never"}
+    return panel
+
+
 def row(title: str) -> Json:
     return {"type": "row", "title": title, "collapsed": False, "panels": []}
 
@@ -193,10 +304,12 @@ LAYOUT: list[tuple[Json, int, int]] = [  # (panel, width of 24, height)
     (timeseries("Requests per second by status code", [
         target(f"sum by (variant, code) ({rate('abproxy_requests_total')})", "{{variant}} {{code}}"),
     ], "reqps", "Answers per second, by variant and HTTP status sent to the client (499: client closed)."), 12, 8),
-    (row("Rollout"), 24, 1),
-    (timeseries("Rollout percent over time", [
-        target(f"max(abproxy_rollout_percent{{{EXP}}})", "rollout %"),
-    ], "percent", "The live rollout percent; rollout changes are marked as annotations.", min=0, max=100), 24, 7),
+    (row("Staged rollout"), 24, 1),
+    (rollout_and_phase(), 12, 8),
+    (plan_stat(), 8, 8),
+    (leader_stat(), 4, 8),
+    (gate_timeline(), 12, 8),
+    (decisions_panel(), 12, 8),
     (row("Control vs treatment (5-minute windows, as the alerts see them)"), 24, 1),
     (ratio_panel("Latency ratio (treatment / control)", [
         target(f'abproxy:request_duration_seconds_p99_ratio{R}{{{EXP}}}', "p99"),
@@ -254,6 +367,9 @@ def place(layout: list[tuple[Json, int, int]]) -> list[Json]:
 
 def annotations() -> Json:
     rollout_changes = f"max by (experiment) (abproxy_rollout_last_change_timestamp_seconds{{{EXP}}} > 0) * 1000"
+    decided = f'{EXP}, action=~"{DECISION_ACTIONS}"'
+    decisions = (f"sum by (experiment, action) ({new_or_increase('abproxy_controller_decisions_total', decided, '2m')})"
+                 " > 0")
     return {"list": [
         {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,
          "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard"},
@@ -271,6 +387,19 @@ def annotations() -> Json:
             "textFormat": "{{experiment}}",
             "tagKeys": "experiment",
             "target": {"expr": rollout_changes, "refId": "Anno", "interval": "15s"},
+        },
+        {
+            # Shown while a decision is in the last 2 minutes: a mark (a short region) per decision.
+            "name": "Controller decisions",
+            "datasource": DS,
+            "enable": True,
+            "iconColor": "purple",
+            "expr": decisions,
+            "step": "30s",
+            "titleFormat": "Controller: {{action}}",
+            "textFormat": "{{experiment}}: {{action}}",
+            "tagKeys": "experiment,action",
+            "target": {"expr": decisions, "refId": "Decisions", "interval": "30s"},
         },
     ]}
 
@@ -294,7 +423,7 @@ def dashboard() -> Json:
         "uid": "abproxy",
         "title": "llm-ab-proxy: control vs treatment",
         "description": "Per-variant latency, time to first token, tokens, cost, errors and request share of an "
-        "llm-ab-proxy experiment, its live rollout, and the proxy's health.",
+        "llm-ab-proxy experiment, its live rollout and staged-rollout plan, and the proxy's health.",
         "tags": ["llm-ab-proxy"],
         "schemaVersion": 39,
         "version": 1,
