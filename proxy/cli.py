@@ -24,6 +24,7 @@ from proxy.cli_common import (
     print_study,
     store_engine,
     store_option,
+    study_arguments,
 )
 from proxy.cli_controller import controller_command
 from proxy.cli_eval import eval_group
@@ -628,27 +629,14 @@ def humaneval_create_study(
     models: str | None, seed: int | None, base_url: str, config: str | None, store_url: str | None,
 ) -> None:
     """Build study NAME: a blind task list per evaluator, and each evaluator's personal link."""
-    import secrets
     import time
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from proxy.humaneval.studies import create_study, load_rubric
+    from proxy.humaneval.studies import create_study
     from proxy.store.collector import error_line
 
-    names = [e.strip() for e in evaluators.split(",") if e.strip()]
-    pair: tuple[str, str] | None = None
-    if models is not None:
-        given = [m.strip() for m in models.split(",")]
-        if len(given) != 2 or not all(given):
-            fail(f"--models needs two comma-separated model names, got {models!r}")
-        pair = (given[0], given[1])
-    try:
-        rubric = load_rubric(rubric_file) if rubric_file else None
-    except ValueError as exc:
-        fail(str(exc))
-    # A recorded random seed: two studies differ, and either can be rebuilt.
-    seed = secrets.randbelow(2**31) if seed is None else seed
+    names, pair, rubric, seed = study_arguments(evaluators, models, rubric_file, seed)
     engine = migrated_store(config, store_url)
     try:
         source = _import_pairs(engine, from_file, None).source if from_file else None

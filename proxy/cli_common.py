@@ -14,6 +14,7 @@ from proxy.config import ConfigError, Settings, config_path, load_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from proxy.humaneval.rubric import Rubric
     from proxy.humaneval.studies import CreatedStudy
 
 # Piped output (scripts, CI logs) gets wide tables instead of truncated cells.
@@ -118,3 +119,26 @@ def print_study(created: CreatedStudy, per_evaluator: int, overlap: float, seed:
     width = max(len(e) for e in created.links)
     for evaluator, token in created.links.items():
         click.echo(f"  {evaluator:<{width}}  {eval_link(base_url, token)}")
+
+
+def study_arguments(
+    evaluators: str, models: str | None, rubric_file: str | None, seed: int | None
+) -> tuple[list[str], tuple[str, str] | None, Rubric | None, int]:
+    """--evaluators, --models, --rubric and --seed of a command that builds a study, checked."""
+    import secrets
+
+    from proxy.humaneval.rubric import load_rubric
+
+    names = [e.strip() for e in evaluators.split(",") if e.strip()]
+    pair: tuple[str, str] | None = None
+    if models is not None:
+        given = [m.strip() for m in models.split(",")]
+        if len(given) != 2 or not all(given):
+            fail(f"--models needs two comma-separated model names, got {models!r}")
+        pair = (given[0], given[1])
+    try:
+        rubric = load_rubric(rubric_file) if rubric_file else None
+    except ValueError as exc:
+        fail(str(exc))
+    # A recorded random seed: two studies differ, and either can be rebuilt.
+    return names, pair, rubric, secrets.randbelow(2**31) if seed is None else seed

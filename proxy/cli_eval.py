@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from proxy.cli_common import (
     print_report,
     print_study,
     store_option,
+    study_arguments,
 )
 
 if TYPE_CHECKING:
@@ -231,22 +231,10 @@ def eval_to_study(
     """Turn RUN into a blind human-comparison study, and print each evaluator's link."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from proxy.humaneval.studies import load_rubric
     from proxy.offline_eval.to_study import study_from_run
     from proxy.store.collector import error_line
 
-    names = [e.strip() for e in evaluators.split(",") if e.strip()]
-    pair: tuple[str, str] | None = None
-    if models is not None:
-        given = [m.strip() for m in models.split(",")]
-        if len(given) != 2 or not all(given):
-            fail(f"--models needs two comma-separated model names, got {models!r}")
-        pair = (given[0], given[1])
-    try:
-        rubric = load_rubric(rubric_file) if rubric_file else None
-    except ValueError as exc:
-        fail(str(exc))
-    seed = secrets.randbelow(2**31) if seed is None else seed
+    names, pair, rubric, seed = study_arguments(evaluators, models, rubric_file, seed)
     study = name or "eval-" + re.sub(r"[^A-Za-z0-9_.@-]", "-", run_id)[:123]
     engine = migrated_store(config, store_url)
     try:
