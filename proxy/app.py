@@ -31,8 +31,6 @@ from proxy.routes_openai import OpenAIHandler
 from proxy.runtime import Runtime
 from proxy.types import Message, Receive, Scope, Send
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
-
 
 class ProxyApp:
     def __init__(self, runtime: Runtime, *, freeze_gc: bool = False) -> None:
@@ -44,11 +42,13 @@ class ProxyApp:
             runtime.upstreams,
             runtime.metrics,
             runtime.events,
-            max_body_bytes=MAX_BODY_BYTES,
+            max_body_bytes=runtime.settings.server.max_body_bytes,
             request_ids=runtime.request_ids,
             hash_user=runtime.hash_user,
             feedback=runtime.feedback,
             pairs=runtime.pairs,
+            max_in_flight=runtime.settings.server.max_in_flight,
+            client_keys=frozenset(runtime.settings.client_auth.key_sha256),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -150,7 +150,8 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(ProxyError)
     async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        headers = {name.decode(): value.decode() for name, value in exc.headers()}
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -72,7 +72,9 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
         "access_log": False,  # the event stream is the access log, written off the request path
         "server_header": False,
         "log_level": log_level,
-        "timeout_graceful_shutdown": 30,
+        # SIGTERM: stop accepting, let open requests and streams run this long, then end them and
+        # flush the event sinks (the app's lifespan shutdown).
+        "timeout_graceful_shutdown": settings.server.shutdown_timeout_s,
     }
     metrics_port = settings.server.metrics_port
     if metrics_port is not None and metrics_port == options["port"]:
@@ -102,6 +104,18 @@ def _metrics_port(host: str, port: int | None, registry: CollectorRegistry | Non
         serve_metrics_port(host, port, registry)
     except OSError as exc:
         fail(f"config error: server.metrics_port: cannot listen on {host}:{port}: {exc.strerror}")
+
+
+@main.command("hash-key")
+@click.option("--key", envvar="ABPROXY_CLIENT_KEY", prompt=True, hide_input=True,
+              help="The client key to accept [env ABPROXY_CLIENT_KEY; prompted, not echoed, if unset].")
+def hash_key(key: str) -> None:
+    """Print the SHA-256 of a client key, for client_auth.key_sha256 (the key itself is never stored)."""
+    import hashlib
+
+    if not key.strip():
+        fail("the key is empty")
+    click.echo(hashlib.sha256(key.strip().encode()).hexdigest())
 
 
 @main.command()

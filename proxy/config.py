@@ -34,8 +34,18 @@ class _Strict(BaseModel):
 class UpstreamConfig(_Strict):
     base_url: str
     api_key_env: str | None = None
+    # The longest silence from the upstream before its headers arrive (and within a non-streamed body).
     timeout_s: float = Field(default=120.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # The longest silence between two chunks of a stream (and before a stream's headers); unset: timeout_s.
+    stream_idle_timeout_s: float | None = Field(default=None, gt=0)
+    # Requests in flight to this upstream at once, per process; beyond it a request gets a fast 429.
+    max_in_flight: int | None = Field(default=None, ge=1)
+    # Extra attempts after a failure that left no byte with the client and that the upstream cannot
+    # have acted on: connection refused, or a 429/502/503/504 answer. Timeouts are never retried.
+    retries: int = Field(default=0, ge=0, le=5)
+    # A Retry-After longer than this is not waited for: the client gets the upstream's answer.
+    max_retry_wait_s: float = Field(default=2.0, ge=0, le=60)
     # Filled in from the environment by `load_settings`; never serialised or logged.
     api_key: str | None = Field(default=None, exclude=True, repr=False)
 
@@ -72,6 +82,7 @@ def validate_percent(value: float) -> float:
     return round(value, 2)
 
 
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 # Fits the store's feedback.metric column, and reads well in a report and a URL.
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Outcomes the proxy derives from its own events (never declared, never sent as feedback).
@@ -162,6 +173,9 @@ class ExperimentConfig(_Strict):
     pair_sampling: PairSamplingConfig = PairSamplingConfig()
     # Phases the controller walks through (`abproxy controller`); empty: the percent is set by hand only.
     rollout_plan: list[PhaseConfig] = []
+    # When the treatment's upstream fails before any byte reached the client, ask the control instead.
+    # Off by default: the user then sees the base model, and the event says so (`fallback`).
+    fallback_to_control: bool = False
 
     @field_validator("rollout_percent")
     @classmethod
@@ -176,6 +190,12 @@ class ServerConfig(_Strict):
     # Set: /metrics is served on this port only (and 404 on `port`), so scrapes need no
     # route through the public listener. Unset: /metrics on `port`.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # A larger /v1 request body is refused with 413 before it is parsed.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # /v1 requests in flight at once per process; beyond it a request gets a fast 503, not a queue.
+    max_in_flight: int = Field(default=4096, ge=1)
+    # On SIGTERM: stop accepting, let open requests and streams finish for this long, then flush events.
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServerConfig:
@@ -204,6 +224,30 @@ class RolloutConfig(_Strict):
     # Pub/sub carries every change at once; this re-read only heals a missed message.
     resync_interval_s: float = Field(default=5.0, gt=0)
     redis_timeout_s: float = Field(default=1.0, gt=0)
+    # true: /readyz answers 503 until the percents were read from Redis once (requests are served
+    # meanwhile, on the config's rollout_percent). false: ready at once on the config's percents.
+    ready_requires_redis: bool = True
+
+
+class AdminConfig(_Strict):
+    # Requests per minute per token and process; 0 = unlimited. Past it: 429 with Retry-After.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+
+
+class ClientAuthConfig(_Strict):
+    """Optional: /v1 requests need `Authorization: Bearer <key>` whose SHA-256 is listed here."""
+
+    # Hex SHA-256 of each accepted client key (`abproxy hash-key`); empty: no client authentication.
+    # Also ABPROXY_CLIENT_KEY_SHA256 (comma-separated), added to these.
+    key_sha256: list[str] = []
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex_digests(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not SHA256_HEX.fullmatch(value):
+                raise ValueError(f"{value[:12]!r}... is not a 64-character hex SHA-256 (abproxy hash-key)")
+        return [value.lower() for value in values]
 
 
 class RedisStreamConfig(_Strict):
@@ -265,8 +309,12 @@ class Settings(_Strict):
     store: StoreConfig = StoreConfig()
     collector: CollectorConfig = CollectorConfig()
     controller: ControllerConfig = ControllerConfig()
+    admin: AdminConfig = AdminConfig()
+    client_auth: ClientAuthConfig = ClientAuthConfig()
     redis_url: str = "redis://127.0.0.1:6379/0"
     admin_token: str | None = Field(default=None, exclude=True, repr=False)
+    # A second admin token that may read (GET) but never change anything (ABPROXY_ADMIN_READ_TOKEN).
+    admin_read_token: str | None = Field(default=None, exclude=True, repr=False)
     # Keyed hash of user ids in events, so a dictionary of e-mails cannot reverse them.
     user_hash_key: str = Field(default="", exclude=True, repr=False)
     # Signs the request ids the proxy issues, so feedback can tell its own ids (and their age)
@@ -420,6 +468,8 @@ def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str], *, upstream_
             "upstreams": upstreams,
             "redis_url": env.get("REDIS_URL", settings.redis_url),
             "admin_token": env.get("ABPROXY_ADMIN_TOKEN") or None,
+            "admin_read_token": env.get("ABPROXY_ADMIN_READ_TOKEN") or None,
+            "client_auth": _client_auth(settings.client_auth, env),
             "user_hash_key": env.get("ABPROXY_USER_HASH_KEY", ""),
             "signing_key": env.get("ABPROXY_SIGNING_KEY", ""),
             "controller": settings.controller.model_copy(
@@ -430,6 +480,17 @@ def settings_from_dict(raw: dict[str, Any], env: Mapping[str, str], *, upstream_
             "store": settings.store.model_copy(update={"url": env.get("ABPROXY_STORE_URL", settings.store.url)}),
         }
     )
+
+
+def _client_auth(config: ClientAuthConfig, env: Mapping[str, str]) -> ClientAuthConfig:
+    extra = [value.strip() for value in env.get("ABPROXY_CLIENT_KEY_SHA256", "").split(",") if value.strip()]
+    if not extra:
+        return config
+    try:
+        return ClientAuthConfig(key_sha256=[*config.key_sha256, *extra])
+    except ValidationError:
+        problem = "every entry must be a 64-character hex SHA-256"
+        raise ConfigError(f"config error: ABPROXY_CLIENT_KEY_SHA256: {problem}") from None
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> str:

@@ -32,6 +32,7 @@ class Experiment:
     store_prompts: bool  # prompts and answers go into its events (and the store): off by default
     pair_share: float  # share of requests also sent to the other variant (proxy/pair_sampling.py)
     pair_max_in_flight: int
+    fallback_to_control: bool  # a failed treatment call is answered by the control (counted, marked)
 
     def arm(self, variant: Variant) -> Arm:
         return self.treatment if variant == "treatment" else self.control
@@ -50,6 +51,7 @@ class Router:
             self.experiments[name] = Experiment(
                 name, cfg.salt or name, tuple(cfg.aliases), arms["control"], arms["treatment"], cfg.rollout_percent,
                 cfg.analysis.store_prompts, cfg.pair_sampling.share, cfg.pair_sampling.max_in_flight,
+                cfg.fallback_to_control,
             )
         self.by_alias: dict[str, Experiment] = {
             alias: exp for exp in self.experiments.values() for alias in exp.aliases

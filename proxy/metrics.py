@@ -130,6 +130,22 @@ class Metrics:
             "Seconds since the rollout cache last read Redis (pub/sub or resync); -1 before the first read.",
             registry=r, multiprocess_mode="livemax",
         )
+        self.overloaded = Counter(
+            "abproxy_overloaded_requests",
+            "Requests answered at once with 503 (limit=total: server.max_in_flight) or 429 (limit=<upstream>: "
+            "upstreams.X.max_in_flight) instead of being queued.",
+            ["limit"], registry=r,
+        )
+        self.retries = Counter(
+            "abproxy_upstream_retries", "Extra upstream attempts (upstreams.X.retries), by the failure retried.",
+            ["upstream", "reason"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "abproxy_fallbacks",
+            "Treatment requests answered by the control after the treatment's upstream failed "
+            "(experiments.X.fallback_to_control), by the treatment's failure.",
+            ["experiment", "reason"], registry=r,
+        )
         self.events = Counter("abproxy_events", "Per-request events written, by sink.", ["sink"], registry=r)
         self.events_dropped = Counter(
             "abproxy_events_dropped", "Per-request events lost, by sink and reason (buffer_full, sink_error).",

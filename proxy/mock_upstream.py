@@ -5,7 +5,8 @@ deterministic. This server speaks enough of the OpenAI HTTP API (chat and legacy
 completions, embeddings, models, SSE streaming with ``stream_options.include_usage``)
 to stand in for one. Every reply names the mock that produced it, so tests can tell
 which upstream served a request, and ``/mock/*`` plus the ``mock_status`` /
-``mock_latency_ms`` body fields let end-to-end tests inject faults and inspect what
+``mock_latency_ms`` / ``mock_stall_after`` / ``mock_die_after`` (streams: go silent, or drop the
+connection, after that many events) body fields let end-to-end tests inject faults and inspect what
 the gateway actually forwarded (headers included, to prove upstream-key injection).
 
 With ``answers`` (``--answers FILE``, a held-out test set in the OpenAI fine-tuning chat format) the
@@ -237,6 +238,10 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> JSON:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _include_usage(body: JSON) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
@@ -257,10 +262,17 @@ async def _stream(request: web.Request, ctx: _Ctx, frames: list[Frame]) -> web.S
     resp = web.StreamResponse(headers=headers)
     state.streams_started += 1
     delay = 1 / state.tokens_per_s if state.tokens_per_s > 0 else 0.0
+    # Fault injection per request: after this many events, go silent (stall) or drop the connection (die).
+    stall_after, die_after = (_count(ctx.body.get(key)) for key in ("mock_stall_after", "mock_die_after"))
     try:
         await resp.prepare(request)
         seen_token = False
-        for is_token, payload in frames:
+        for sent, (is_token, payload) in enumerate(frames):
+            if sent == stall_after:
+                await asyncio.sleep(3600)  # until the client gives up
+            if sent == die_after and request.transport is not None:
+                request.transport.abort()  # no terminating chunk: the client sees a broken body
+                raise ConnectionResetError("mock died mid-stream")
             if is_token and seen_token and delay:
                 await asyncio.sleep(delay)
             seen_token = seen_token or is_token
@@ -466,6 +478,20 @@ async def _reset(request: web.Request) -> web.Response:
     return web.json_response(state.stats())
 
 
+async def _fail(request: web.Request) -> web.Response:
+    """`POST /mock/fail {"count": N, "status": 503, "retry_after": "0"}`: the next N POSTs fail so."""
+    state = request.app[STATE]
+    try:
+        spec = await request.json()
+        count, status, retry_after = int(spec["count"]), int(spec.get("status", 429)), str(spec.get("retry_after", "0"))
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "body: {count, status?, retry_after?}"}, status=400)
+    if not 400 <= status <= 599 or count < 0:
+        return web.json_response({"error": "status must be 4xx/5xx and count >= 0"}, status=400)
+    state.fail_first, state.fail_status, state.retry_after = count, status, retry_after
+    return web.json_response({"fail_first": count, "fail_status": status, "retry_after": retry_after})
+
+
 def build_app(
     name: str, *, latency_ms: float = 0.0, tokens_per_s: float = 0.0, api_key: str | None = None,
     fail_first: int = 0, fail_status: int = 429, retry_after: str = "0",
@@ -492,6 +518,7 @@ def build_app(
     app.router.add_get("/mock/stats", _stats)
     app.router.add_get("/mock/requests", _recent)
     app.router.add_post("/mock/reset", _reset)
+    app.router.add_post("/mock/fail", _fail)
     return app
 
 

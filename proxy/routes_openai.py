@@ -11,29 +11,36 @@ The body stays a dict and is forwarded unchanged but for `model` (and, for strea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
 
 from proxy.assignment import Variant, bucket, choose_variant
 from proxy.errors import (
+    ClientAuthFailed,
     InvalidRequest,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     ProxyError,
     UnknownModel,
+    UnsupportedMediaType,
+    UpstreamBusy,
     UpstreamError,
 )
 from proxy.events import EventLog
 from proxy.experiments import Arm, Experiment, Router
+from proxy.fallback_log import FallbackLog
 from proxy.feedback import FeedbackIntake, accepted_body
 from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics
+from proxy.model_calls import retry_after
 from proxy.pair_sampling import PairSampler
 from proxy.rollout import RolloutCache
 from proxy.sse import UsageTap, first_finish_reason, first_text
@@ -42,7 +49,9 @@ from proxy.upstream import (
     DROPPED_REQUEST_HEADERS,
     DROPPED_RESPONSE_HEADERS,
     RawHeaders,
+    Upstream,
     UpstreamPool,
+    never_sent,
     translate_errors,
 )
 
@@ -60,7 +69,13 @@ FEEDBACK_PATH = "/v1/feedback"
 # `client_request_id` for tracing; the id of record is always the one the proxy issues.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = b"application/json"
+# A user id longer than this is refused: no real id is, and hashing megabytes per request is an attack.
+MAX_USER_ID_CHARS = 512
+# Upstream answers that mean "not done, try again": the upstream did not act on the request.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_BACKOFF_S = 0.1  # after a refused connection: 0.1, 0.2, 0.4 ... s (capped at max_retry_wait_s)
 _DROPPED_RESPONSE = frozenset(name.encode() for name in DROPPED_RESPONSE_HEADERS)
+SHUTTING_DOWN = Overloaded("the proxy is shutting down; retry the request", code="shutting_down")
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer ended
 
 
@@ -89,11 +104,14 @@ class Exchange:
     ttft_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None  # timeout | connect | 4xx | 5xx | cancelled
+    error: str | None = None  # timeout | connect | interrupted | 4xx | 5xx | busy | overloaded | cancelled
     upstream_status: int | None = None  # None: no response headers arrived
     finish_reason: str | None = None  # of the first choice, as the upstream reported it
     completion: str | None = None  # the answer's text, captured only where prompts are stored or pairs sampled
     pair_body: dict[str, Any] | None = None  # set when this request is sampled for a pair
+    retries: int = 0  # extra attempts made (upstreams.X.retries)
+    fallback: bool = False  # the treatment failed and the control answered (experiments.X.fallback_to_control)
+    held: Upstream | None = None  # whose in-flight slot an open stream holds until it ends
 
 
 class OpenAIHandler:
@@ -110,6 +128,9 @@ class OpenAIHandler:
         hash_user: UserHasher,
         feedback: FeedbackIntake,
         pairs: PairSampler,
+        max_in_flight: int = 4096,
+        client_keys: frozenset[str] = frozenset(),
+        fallbacks: FallbackLog | None = None,
     ) -> None:
         self.router = router
         self.rollout = rollout
@@ -121,6 +142,10 @@ class OpenAIHandler:
         self.hash_user = hash_user
         self.feedback = feedback
         self.pairs = pairs
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # this process's /v1 requests being forwarded now (one event-loop thread: no lock)
+        self.client_keys = client_keys  # hex SHA-256 of accepted client keys; empty: no client auth
+        self.fallbacks = fallbacks if fallbacks is not None else FallbackLog(metrics)
         self._models_body = orjson.dumps(
             {
                 "object": "list",
@@ -134,27 +159,35 @@ class OpenAIHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = self.request_ids.issue(time.time())
-        client_request_id, user_header, episode_id, forward_headers = _read_headers(scope["headers"])
+        headers = _read_headers(scope["headers"])
         path: str = scope["path"]
         try:
+            if self.client_keys and not _client_key_ok(headers.authorization, self.client_keys):
+                raise ClientAuthFailed("missing or invalid API key for this proxy (Authorization: Bearer ...)")
             if path == "/v1/models" and scope["method"] == "GET":
                 await _send_json(send, 200, self._models_body, request_id)
                 return
             route = ENDPOINTS.get(path)
             if route is None and path == FEEDBACK_PATH and scope["method"] == "POST":
-                await self._feedback(receive, send, request_id)
+                await self._feedback(receive, send, request_id, headers.content_type)
                 return
             if route is None:
                 raise NotFound(f"no route {scope['method']} {path}", code="unknown_url")
             if scope["method"] != "POST":
                 raise InvalidRequest(f"{path} accepts POST only", code="method_not_allowed")
+            _check_content_type(headers.content_type)
             body = _parse_body(await self._read_body(receive))
             model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
             experiment = self.router.by_alias.get(model)
             if experiment is None:
-                raise UnknownModel(f"the model {model!r} does not exist or is not routed by this proxy", param="model")
+                raise UnknownModel(f"the model {model[:100]!r} does not exist or is not routed by this proxy",
+                                   param="model")  # fmt: skip
+            user_id = headers.user_id or _body_user(body)
+            if user_id is not None and len(user_id) > MAX_USER_ID_CHARS:
+                raise InvalidRequest(f"the user id is longer than {MAX_USER_ID_CHARS} characters", param="user",
+                                     code="invalid_user_id")  # fmt: skip
         except ClientGone:
             return
         except ProxyError as exc:
@@ -163,7 +196,6 @@ class OpenAIHandler:
             self._emit_rejected(request_id, path, exc, started)
             return
 
-        user_id = user_header or _body_user(body)
         variant: Variant
         if user_id is None:
             bucket_ = None
@@ -185,13 +217,13 @@ class OpenAIHandler:
                 if not client_wants_usage:
                     body["stream_options"] = {**(options or {}), "include_usage": True}
         ex = Exchange(
-            request_id, experiment, arm, endpoint, stream, user_id, bucket_, episode_id, started,
+            request_id, experiment, arm, endpoint, stream, user_id, bucket_, headers.episode_id, started,
             (
                 (b"x-request-id", request_id.encode()),
                 (b"x-abproxy-experiment", experiment.name.encode()),
                 (b"x-abproxy-variant", variant.encode()),
             ),
-            client_request_id,
+            headers.client_request_id,
             percent,
             body.get(PROMPT_FIELD[endpoint]),
         )
@@ -200,32 +232,121 @@ class OpenAIHandler:
         capture = experiment.store_prompts or ex.pair_body is not None
         in_flight = self.metrics.in_flight_gauge(experiment.name, variant, arm.upstream_model, endpoint)
         in_flight.inc()
+        self.in_flight += 1
         try:
-            if not stream:
-                status, raw_headers, payload = await self.upstreams.fetch(
-                    arm.upstream, path[3:], orjson.dumps(body), forward_headers
-                )
-                await _send_body(send, ex, status, raw_headers, payload)
-                return
-            async with self.upstreams.post(arm.upstream, path[3:], orjson.dumps(body), forward_headers) as response:
-                ex.status = ex.upstream_status = response.status
-                if response.status == 200:
+            if self.in_flight > self.max_in_flight:
+                self.metrics.overloaded.labels("total").inc()
+                raise Overloaded(f"the proxy has {self.max_in_flight} requests in flight; retry shortly",
+                                 retry_after_s=1)  # fmt: skip
+            answer = await self._forward(ex, path[3:], body, headers.forward)
+            if isinstance(answer, aiohttp.ClientResponse):
+                try:
                     tap = UsageTap(drop_usage_chunk=not client_wants_usage, capture_text=capture)
-                    await _relay_stream(response, receive, send, ex, tap)
-                else:
-                    with translate_errors(arm.upstream):
-                        payload = await response.read()
-                    await _send_body(send, ex, response.status, response.raw_headers, payload)
-        except UpstreamError as exc:
-            ex.status, ex.error = exc.status_code, exc.reason
-            await _send_error(send, exc, request_id, ex.headers[1:])
+                    await _relay_stream(answer, receive, send, ex, tap)
+                finally:
+                    answer.release()
+            else:
+                await _send_body(send, ex, *answer)
+        except ProxyError as exc:
+            ex.status = exc.status_code
+            if ex.error is None:
+                ex.error = exc.reason if isinstance(exc, UpstreamError) else "busy" if isinstance(
+                    exc, UpstreamBusy) else "overloaded"  # fmt: skip
+            await _send_error(send, exc, request_id, (*ex.headers[1:], *exc.headers()))
         except asyncio.CancelledError:
             # The server is shutting down under us: still account for the request.
             ex.status, ex.error = CLIENT_CLOSED, "cancelled"
             raise
         finally:
+            self.in_flight -= 1
+            if ex.held is not None:
+                ex.held.in_flight -= 1
             in_flight.dec()
             self._record(ex)
+
+    # -- forwarding ------------------------------------------------------------------------
+    async def _forward(
+        self, ex: Exchange, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> aiohttp.ClientResponse | tuple[int, RawHeaders, bytes]:
+        """Ask the arm's upstream (with retries); if the treatment failed and the experiment allows
+        it, ask the control instead. Returns an open stream (status 200, the caller releases it) or
+        a whole answer (status, headers, body). Nothing has reached the client yet either way."""
+        try:
+            answer = await self._ask(ex, ex.arm.upstream, path, orjson.dumps(body), headers)
+        except (UpstreamError, UpstreamBusy) as exc:
+            if not self._falls_back(ex):
+                raise
+            ex.error = exc.reason if isinstance(exc, UpstreamError) else "busy"
+        else:
+            failed = not isinstance(answer, aiohttp.ClientResponse) and (answer[0] == 429 or answer[0] >= 500)
+            if not failed or not self._falls_back(ex):
+                return answer
+            assert not isinstance(answer, aiohttp.ClientResponse)
+            ex.upstream_status = answer[0]
+            ex.error = "4xx" if answer[0] < 500 else "5xx"
+        # The treatment failed before any byte left: the control answers, and the event says so.
+        control = ex.experiment.control
+        ex.fallback = True
+        self.fallbacks.record(ex.experiment.name, ex.error or "error", ex.request_id)
+        body["model"] = control.upstream_model
+        return await self._ask(ex, control.upstream, path, orjson.dumps(body), headers)
+
+    def _falls_back(self, ex: Exchange) -> bool:
+        return ex.arm.variant == "treatment" and ex.experiment.fallback_to_control
+
+    async def _ask(
+        self, ex: Exchange, upstream_name: str, path: str, payload: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse | tuple[int, RawHeaders, bytes]:
+        """One upstream, retried where the upstream cannot have acted on the request."""
+        upstream = self.upstreams.upstreams[upstream_name]
+        if upstream.max_in_flight is not None and upstream.in_flight >= upstream.max_in_flight:
+            self.metrics.overloaded.labels(upstream_name).inc()
+            raise UpstreamBusy(f"upstream {upstream_name} has {upstream.max_in_flight} requests in flight; "
+                               "retry shortly", retry_after_s=1)  # fmt: skip
+        upstream.in_flight += 1
+        held = False
+        try:
+            attempt = 0
+            while True:
+                try:
+                    answer = await self._attempt(ex.stream, upstream, path, payload, headers)
+                except UpstreamError as exc:
+                    if attempt >= upstream.retries or not never_sent(exc):
+                        raise
+                    wait = min(RETRY_BACKOFF_S * 2**attempt, upstream.max_retry_wait_s)
+                    reason = "connect"
+                else:
+                    if isinstance(answer, aiohttp.ClientResponse):
+                        held, ex.held = True, upstream  # released when the stream ends
+                        return answer
+                    if answer[0] not in RETRY_STATUSES:
+                        return answer
+                    told = retry_after(answer[1])
+                    wait = min(RETRY_BACKOFF_S * 2**attempt, upstream.max_retry_wait_s) if told is None else told
+                    if attempt >= upstream.retries or wait > upstream.max_retry_wait_s:
+                        return answer
+                    reason = str(answer[0])
+                attempt += 1
+                ex.retries += 1
+                self.metrics.retries.labels(upstream_name, reason).inc()
+                await asyncio.sleep(wait)
+        finally:
+            if not held:
+                upstream.in_flight -= 1
+
+    async def _attempt(
+        self, stream: bool, upstream: Upstream, path: str, payload: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse | tuple[int, RawHeaders, bytes]:
+        if not stream:
+            return await self.upstreams.fetch(upstream.name, path, payload, headers)
+        response = await self.upstreams.open_stream(upstream.name, path, payload, headers)
+        if response.status == 200:
+            return response
+        try:
+            with translate_errors(upstream.name):
+                return response.status, response.raw_headers, await response.read()
+        finally:
+            response.release()
 
     # -- request side ----------------------------------------------------------------------
     async def _read_body(self, receive: Receive) -> bytes:
@@ -250,9 +371,10 @@ class OpenAIHandler:
             parts.append(part)
         return b"".join(parts)
 
-    async def _feedback(self, receive: Receive, send: Send, request_id: str) -> None:
+    async def _feedback(self, receive: Receive, send: Send, request_id: str, content_type: str | None) -> None:
         """Off the chat path: validate, append to the event stream, answer 202 (feedback.py)."""
         try:
+            _check_content_type(content_type)
             event = self.feedback.validate(await self._read_body(receive), time.time())
             await self.feedback.submit(event)
         except ClientGone:
@@ -305,6 +427,8 @@ class OpenAIHandler:
             # fingerprint of it is enough, and reveals nothing of the text.
             "prompt_hash": self.hash_user.prompt(orjson.dumps(ex.prompt)) if identified and ex.prompt else None,
             "client_request_id": ex.client_request_id,
+            "retries": ex.retries,
+            "fallback": ex.fallback,
         }
         if ex.experiment.store_prompts:
             event["prompt"] = ex.prompt
@@ -330,9 +454,18 @@ class OpenAIHandler:
         )
 
 
-def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, str | None, dict[str, str]]:
+class ClientHeaders(NamedTuple):
+    client_request_id: str | None
+    user_id: str | None
+    episode_id: str | None
+    forward: dict[str, str]  # what goes on to the upstream
+    authorization: str | None  # the client's own key for this proxy (never forwarded)
+    content_type: str | None
+
+
+def _read_headers(raw: list[tuple[bytes, bytes]]) -> ClientHeaders:
     """One pass over the client's headers: ids the proxy uses, and the ones to forward."""
-    client_request_id = user_id = episode_id = None
+    client_request_id = user_id = episode_id = authorization = content_type = None
     forward: dict[str, str] = {}
     connection = ""
     for name, value in raw:
@@ -355,10 +488,33 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | Non
                 forward[key] = value.decode("latin-1")
             elif key == "connection":
                 connection += "," + value.decode("latin-1")
+            elif key == "authorization":
+                authorization = value.decode("latin-1")
+            elif key == "content-type":
+                content_type = value.decode("latin-1")
     # RFC 9110 7.6.1: the headers Connection names are hop-by-hop too, whatever they are called.
     for option in connection.split(","):
         forward.pop(option.strip().lower(), None)
-    return client_request_id, user_id, episode_id, forward
+    return ClientHeaders(client_request_id, user_id, episode_id, forward, authorization, content_type)
+
+
+def _client_key_ok(authorization: str | None, accepted: frozenset[str]) -> bool:
+    """Compare digests, not keys: a set lookup on a SHA-256 leaks, through timing, only which
+    digest prefixes exist, never a key (the digest of a guess is unrelated to its closeness)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        return False
+    return hashlib.sha256(key.strip().encode()).hexdigest() in accepted
+
+
+def _check_content_type(content_type: str | None) -> None:
+    """JSON, or no content type at all (curl -d without -H sends a form type, which is refused)."""
+    if content_type is None:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(f"the request body must be application/json, not {media or 'empty'!r}",
+                                   code="unsupported_media_type")  # fmt: skip
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:
@@ -400,12 +556,16 @@ def _usage_into(usage: dict[str, Any], ex: Exchange) -> None:
 
 
 async def _send_body(send: Send, ex: Exchange, status: int, raw_headers: RawHeaders, payload: bytes) -> None:
-    ex.status = ex.upstream_status = status
+    ex.status = status
+    if not ex.fallback:  # after a fallback, upstream_status and error stay the treatment's failure
+        ex.upstream_status = status
     if status == 200:
         _read_answer(payload, ex)
     else:
         ex.error = "4xx" if status < 500 else "5xx"
     headers = _response_headers(raw_headers, ex.headers)
+    if ex.fallback:
+        headers.append((b"x-abproxy-fallback", b"control"))
     headers.append((b"content-length", str(len(payload)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
@@ -419,6 +579,16 @@ async def _relay_stream(
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The server is stopping and its shutdown deadline (server.shutdown_timeout_s) has passed:
+        # end the stream well-formed, with an error event the client's SDK raises, not mid-line.
+        pump.cancel()
+        try:
+            event = b"data: " + SHUTTING_DOWN.to_json() + b"\n\n"
+            await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
+        except Exception:  # the connection may be gone already; the request is recorded either way
+            pass
+        raise
     finally:
         watcher.cancel()
         if not pump.done():
@@ -436,9 +606,11 @@ async def _relay_stream(
 
 async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap: UsageTap) -> None:
     headers = _response_headers(response.raw_headers, ex.headers)
+    if ex.fallback:
+        headers.append((b"x-abproxy-fallback", b"control"))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     try:
-        with translate_errors(ex.arm.upstream):
+        with translate_errors(ex.arm.upstream, mid_stream=True):
             async for chunk in response.content.iter_any():
                 if ex.ttft_s is None:
                     ex.ttft_s = time.perf_counter() - ex.started

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 import structlog
 
+from proxy.admin_auth import AdminAuth
 from proxy.background import cancel_and_wait
 from proxy.config import Settings
 from proxy.events import EventLog, RedisStreamSink, Sink, StdoutSink
@@ -58,6 +59,8 @@ class Runtime:
             self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
         self.pairs = PairSampler(self.upstreams, self.events, self.metrics)
+        self.admin_auth = AdminAuth(settings.admin_token, settings.admin_read_token,
+                                    per_minute=settings.admin.rate_limit_per_minute)  # fmt: skip
         self._gauges: asyncio.Task[None] | None = None
         self._store_engine: sa.Engine | None = None
         self._store_lock = threading.Lock()  # store_engine() is first called from worker threads

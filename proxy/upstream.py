@@ -7,13 +7,13 @@ aiohttp exceptions are translated into the proxy's error tree here and nowhere e
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import aiohttp
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamError, UpstreamInterrupted, UpstreamTimeout, UpstreamUnreachable
 
 # aiohttp's ClientResponse.raw_headers: the upstream's header lines, undecoded.
 RawHeaders = tuple[tuple[bytes, bytes], ...]
@@ -49,10 +49,15 @@ class Upstream:
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self.headers = headers
-        # sock_read bounds the silence between chunks, so a long but live stream is not cut.
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s
+        # sock_read bounds a silence, not the whole answer, so a long but live stream is not cut.
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s)
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=config.stream_idle_timeout_s or config.timeout_s
         )
+        self.max_in_flight = config.max_in_flight
+        self.in_flight = 0  # this process's requests to it now (the event loop is one thread: no lock)
+        self.retries = config.retries
+        self.max_retry_wait_s = config.max_retry_wait_s
 
 
 class UpstreamPool:
@@ -71,12 +76,13 @@ class UpstreamPool:
             self._session = None
 
     async def _open(
-        self, target: Upstream, path: str, body: bytes, client_headers: dict[str, str]
+        self, target: Upstream, path: str, body: bytes, client_headers: dict[str, str], *, stream: bool = False
     ) -> aiohttp.ClientResponse:
         """Send the request with the upstream's own credentials; returns once headers are in."""
         assert self._session is not None, "UpstreamPool.start() was not awaited"
         headers = {**client_headers, **target.headers} if client_headers else target.headers
-        return await self._session.post(target.base_url + path, data=body, headers=headers, timeout=target.timeout)
+        timeout = target.stream_timeout if stream else target.timeout
+        return await self._session.post(target.base_url + path, data=body, headers=headers, timeout=timeout)
 
     async def fetch(
         self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
@@ -97,41 +103,41 @@ class UpstreamPool:
             raise translate(exc, target.name) from exc
         return response.status, response.raw_headers, payload
 
-    @asynccontextmanager
-    async def post(
+    async def open_stream(
         self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST and yield the response once its headers are in; the body is the caller's to
-        read, inside `translate_errors`. Leaving early (error, cancellation) closes the
+    ) -> aiohttp.ClientResponse:
+        """POST and return the response once its headers are in; the body is the caller's to read,
+        inside `translate_errors(mid_stream=True)`, and to release. Closing it instead drops the
         connection, which is how the upstream learns the client went away."""
         target = self.upstreams[upstream]
         with translate_errors(target.name):
-            response = await self._open(target, path, body, client_headers)
-        try:
-            yield response
-        except BaseException:
-            response.close()
-            raise
-        finally:
-            response.release()
+            return await self._open(target, path, body, client_headers, stream=True)
 
 
 # What a transport failure can raise; `translate` maps each to the proxy's error tree.
 TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
 
 
-def translate(exc: BaseException, upstream: str) -> UpstreamError:
-    """Map an aiohttp/asyncio failure to UpstreamTimeout / UpstreamUnreachable (the one seam)."""
+def translate(exc: BaseException, upstream: str, *, mid_stream: bool = False) -> UpstreamError:
+    """Map an aiohttp/asyncio failure to UpstreamTimeout / UpstreamUnreachable / UpstreamInterrupted
+    (the one seam). `mid_stream`: the answer had begun, so a broken connection broke it off."""
     # TimeoutError is an OSError: it must be matched first.
     if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
         return UpstreamTimeout(f"upstream {upstream} did not answer in time")
+    if mid_stream:
+        return UpstreamInterrupted(f"upstream {upstream} broke off the stream: {type(exc).__name__}")
     return UpstreamUnreachable(f"upstream {upstream} is unreachable: {type(exc).__name__}")
 
 
+def never_sent(exc: BaseException) -> bool:
+    """True when the request cannot have reached the upstream (no connection was made): safe to retry."""
+    return isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+
+
 @contextmanager
-def translate_errors(upstream: str) -> Iterator[None]:
+def translate_errors(upstream: str, *, mid_stream: bool = False) -> Iterator[None]:
     """`translate` as a context manager, for the streaming path."""
     try:
         yield
     except TRANSPORT_ERRORS as exc:
-        raise translate(exc, upstream) from exc
+        raise translate(exc, upstream, mid_stream=mid_stream) from exc

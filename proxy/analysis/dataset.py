@@ -166,6 +166,7 @@ def _load_requests(
             r.variant,
             r.ts,
             r.status,
+            r.error,
             r.completion_tokens,
             r.endpoint,
             r.latency_ms,
@@ -179,7 +180,9 @@ def _load_requests(
     )
     f = flagged.c
     ok = f.status == 200
-    failed = sa.and_(f.status != 200, f.status != CLIENT_CLOSED)
+    # A 200 with an error is a failure the client did not see as one: a stream broken off with an
+    # in-band error event, or a treatment call answered by the control (fallback_to_control).
+    failed = sa.or_(sa.and_(f.status != 200, f.status != CLIENT_CLOSED), sa.and_(ok, f.error.is_not(None)))
     empty = sa.and_(ok, f.completion_tokens == 0, f.endpoint != "embeddings")
     rows = conn.execute(
         sa.select(
