@@ -240,6 +240,9 @@ class OpenAIHandler:
                                  retry_after_s=1)  # fmt: skip
             answer = await self._forward(ex, path[3:], body, headers.forward)
             if isinstance(answer, aiohttp.ClientResponse):
+                ex.status = 200
+                if not ex.fallback:  # after a fallback, upstream_status and error stay the treatment's failure
+                    ex.upstream_status = 200
                 try:
                     tap = UsageTap(drop_usage_chunk=not client_wants_usage, capture_text=capture)
                     await _relay_stream(answer, receive, send, ex, tap)

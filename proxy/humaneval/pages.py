@@ -5,8 +5,18 @@
 URL alone (it has no upstreams, Redis or experiments to start).
 
 Every page answers with `PAGE_HEADERS`. The evaluator's secret is in the URL, so no page may leak it
-through a Referer, a shared cache or a search index; and the policy allows scripts, styles and form
-targets from this origin only.
+through a Referer, a shared cache or a search index; the policy allows scripts, styles and form
+targets from this origin only (no inline script or style anywhere), and no other site may frame a page.
+The admin pages' JSON errors (401, 403) and a wrong method's 405 carry the same headers.
+
+Cross-site forms. A POST (vote, undo, admin login, logout, revoke) sent by another site's page is
+refused with 403 before its form is read, so nothing is stored. The browser says where a request comes
+from: `Sec-Fetch-Site` (every current browser), else `Origin` compared with `Host`; a request with
+neither is not a browser's (curl, a script), which has no ambient credential to abuse. This is the
+check Go's net/http CrossOriginProtection makes, and it needs no token in the form. The evaluator's
+own link already is the form's unguessable token: a vote URL holds 192 random bits that another
+site cannot know, and the evaluator's pages use no cookie at all; the admin cookie is also
+SameSite=Strict.
 """
 
 from __future__ import annotations
@@ -15,13 +25,17 @@ import functools
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import structlog
 from fastapi import Request, Response
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import ProxyError
 
 if TYPE_CHECKING:
     import jinja2
@@ -34,6 +48,8 @@ PAGE_HEADERS: Mapping[str, str] = {
     "Referrer-Policy": "no-referrer",
     "X-Robots-Tag": "noindex, nofollow",
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",  # frame-ancestors 'none' for browsers that predate it
+    "Cross-Origin-Opener-Policy": "same-origin",
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -90,15 +106,58 @@ def see_other(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers=dict(PAGE_HEADERS))
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_SAME_ORIGIN = frozenset({"same-origin", "none"})  # "none": the user's own action (typed, bookmarked)
+
+
+def cross_site(request: Request) -> bool:
+    """True for a request another site's page made the browser send (see the module's docstring)."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site.strip().lower() not in _SAME_ORIGIN
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    host = request.headers.get("host")
+    try:
+        origin_host = urlsplit(origin.strip()).netloc
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return True
+    return host is None or not origin_host or origin_host.lower() != host.strip().lower()
+
+
+def _cross_site_refused(request: Request) -> HTMLResponse:
+    return message(
+        request, "Form sent from another site",
+        "This form was not sent from this site's own page, so nothing was saved. Open your link and try again.",
+        status=403,
+    )  # fmt: skip
+
+
 class PageRoute(APIRoute):
-    """A page route whose store errors become a 503 page: an evaluator sees "try again", not a trace."""
+    """A page route: cross-site POSTs refused, store errors as a 503 page (an evaluator sees "try again",
+    not a trace), and `PAGE_HEADERS` on its errors too."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            # Starlette's own 405, with the page headers (the app's handler keeps an exception's headers).
+            raise HTTPException(status_code=405, headers={**PAGE_HEADERS, "Allow": ", ".join(sorted(self.methods))})
+        await super().handle(scope, receive, send)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
+            if request.method not in _SAFE_METHODS and cross_site(request):
+                # The path template, never the URL: the URL holds the evaluator's token.
+                log.warning("eval_cross_site_post", path=self.path, origin=request.headers.get("origin", "")[:200],
+                            fetch_site=request.headers.get("sec-fetch-site", "")[:40])  # fmt: skip
+                return _cross_site_refused(request)
             try:
                 return await handler(request)
+            except ProxyError as exc:  # the admin pages' 401 / 403: the API's JSON error, with the page headers
+                headers = {**PAGE_HEADERS, **{name.decode(): value.decode() for name, value in exc.headers()}}
+                return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
             except SQLAlchemyError as exc:
                 log.warning("eval_store_error", path=self.path, error=type(exc).__name__, detail=str(exc)[:300])
                 return message(
