@@ -13,6 +13,7 @@ a worker's gauges when it shuts down (`mark_process_dead`).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import shutil
@@ -63,6 +64,10 @@ class Metrics:
         if process_collector and multiprocess_dir() is None:
             # RSS, CPU and open fds; not available per worker in multiprocess mode.
             ProcessCollector(registry=r)
+            # Leak detection: an idle process's task count returns to its resting level (the stress test
+            # checks it). all_tasks() tolerates being read from the scrape thread (it retries a changed set).
+            tasks = Gauge("abproxy_asyncio_tasks", "asyncio tasks alive in this process.", registry=r)
+            tasks.set_function(_task_count)
         self.requests = Counter(
             "abproxy_requests", "Requests answered, by upstream or proxy status code.",
             [*ARM, "endpoint", "stream", "code"], registry=r,
@@ -205,6 +210,20 @@ class Metrics:
     def set_rollout_cache(self, connected: bool | None, age_s: float | None) -> None:
         self.redis_connected.set(1 if connected else 0)
         self.rollout_cache_age.set(-1 if age_s is None else age_s)
+
+
+def _task_count() -> float:
+    loop = _serving_loop
+    return float(len(asyncio.all_tasks(loop))) if loop is not None and not loop.is_closed() else 0.0
+
+
+_serving_loop: asyncio.AbstractEventLoop | None = None
+
+
+def watch_tasks_of(loop: asyncio.AbstractEventLoop) -> None:
+    """The event loop whose tasks abproxy_asyncio_tasks counts (the serving loop, set at start-up)."""
+    global _serving_loop
+    _serving_loop = loop
 
 
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:

@@ -23,7 +23,7 @@ from proxy.events import EventLog, RedisStreamSink, Sink, StdoutSink
 from proxy.experiments import Router
 from proxy.feedback import FeedbackIntake
 from proxy.ids import RequestIds, UserHasher
-from proxy.metrics import Metrics, mark_process_dead
+from proxy.metrics import Metrics, mark_process_dead, watch_tasks_of
 from proxy.pair_sampling import PairSampler
 from proxy.rollout import RolloutCache, RolloutState, RolloutStore
 from proxy.upstream import UpstreamPool
@@ -102,6 +102,7 @@ class Runtime:
             await asyncio.sleep(CACHE_GAUGE_INTERVAL_S)
 
     async def start(self) -> None:
+        watch_tasks_of(asyncio.get_running_loop())
         await self.upstreams.start()
         await self.events.start()
         await self.rollout.start()
