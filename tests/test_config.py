@@ -171,6 +171,26 @@ class TestErrors:
                 "experiments.sales-companion.aliases", "at least 1", id="no-aliases",
             ),
             pytest.param(
+                lambda r: r["upstreams"]["mock-base"].update(retries=6),
+                "upstreams.mock-base.retries", "less than or equal to 5", id="too-many-retries",
+            ),
+            pytest.param(
+                lambda r: r["upstreams"]["mock-base"].update(max_in_flight=0),
+                "upstreams.mock-base.max_in_flight", "greater than or equal to 1", id="zero-upstream-in-flight",
+            ),
+            pytest.param(
+                lambda r: r.update(client_auth={"key_sha256": ["sk-the-key-itself"]}),
+                "client_auth.key_sha256", "not a 64-character hex SHA-256", id="client-key-not-hashed",
+            ),
+            pytest.param(
+                lambda r: r.update(server={"max_body_bytes": 10}),
+                "server.max_body_bytes", "greater than or equal to 1024", id="tiny-body-limit",
+            ),
+            pytest.param(
+                lambda r: r.update(admin={"rate_limit_per_minute": -1}),
+                "admin.rate_limit_per_minute", "greater than or equal to 0", id="negative-admin-rate",
+            ),
+            pytest.param(
                 lambda r: r["upstreams"]["mock-base"].update(timeout_s=0),
                 "upstreams.mock-base.timeout_s", "greater than 0", id="zero-timeout",
             ),
@@ -303,6 +323,17 @@ class TestEnvironment:
     def test_empty_admin_token_disables_admin(self) -> None:
         """ABPROXY_ADMIN_TOKEN="" means no token (admin refused), never an empty password."""
         assert settings_from_dict(_local(), {"ABPROXY_ADMIN_TOKEN": ""}).admin_token is None
+
+    def test_client_key_digests_and_read_token_from_the_environment(self) -> None:
+        """ABPROXY_CLIENT_KEY_SHA256 adds to client_auth.key_sha256 (lower-cased); a bad entry names the variable."""
+        digest = "AB" * 32
+        raw = _local() | {"client_auth": {"key_sha256": ["cd" * 32]}}
+        env = {"ABPROXY_CLIENT_KEY_SHA256": f" {digest} ,", "ABPROXY_ADMIN_READ_TOKEN": "r"}
+        settings = settings_from_dict(raw, env)
+        assert settings.client_auth.key_sha256 == ["cd" * 32, "ab" * 32]
+        assert settings.admin_read_token == "r"
+        message = _config_error(_local(), {"ABPROXY_CLIENT_KEY_SHA256": "sk-raw-key"})
+        assert message.startswith("config error: ABPROXY_CLIENT_KEY_SHA256:") and "sk-raw" not in message
 
     def test_process_environment_is_the_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without an injected mapping, load_settings reads os.environ."""
