@@ -12,6 +12,7 @@ import httpx
 from rich.table import Table
 
 from proxy.cli_common import (
+    add_row,
     base_url_option,
     config_option,
     console,
@@ -191,7 +192,7 @@ def rollout() -> None:
 def _print_experiments(rows: list[dict[str, Any]]) -> None:
     table = Table("experiment", "percent", "control", "treatment", "updated", "by", "reason")
     for row in rows:
-        table.add_row(
+        add_row(table,
             row["name"] + (" (stale)" if row.get("stale") else ""),
             f"{row['percent']:g}%" + ("" if row["source"] == "redis" else " (config)"),
             row["control"]["upstream_model"],
@@ -243,7 +244,7 @@ def rollout_audit(experiment: str, limit: int, url: str | None, token: str | Non
         body = _call(client, "GET", f"/admin/experiments/{experiment}/audit", params={"limit": limit})
     table = Table("at", "from", "to", "by", "reason")
     for e in body["entries"]:
-        table.add_row(e["at"], f"{e['from']:g}%", f"{e['to']:g}%", e["by"], e["reason"] or "-")
+        add_row(table, e["at"], f"{e['from']:g}%", f"{e['to']:g}%", e["by"], e["reason"] or "-")
     console.print(table)
 
 
@@ -803,7 +804,7 @@ def humaneval_studies(config: str | None, store_url: str | None) -> None:
     for study in found:
         for i, e in enumerate(study.evaluators):
             head = [study.name, when(study.created_at), " vs ".join(study.models), str(study.comparisons)]
-            table.add_row(*(head if i == 0 else ["", "", "", ""]), e.name, f"{e.voted}/{e.total}",
+            add_row(table, *(head if i == 0 else ["", "", "", ""]), e.name, f"{e.voted}/{e.total}",
                           when(e.last_vote_at), "revoked" if e.revoked else "open")  # fmt: skip
     console.print(table)
 

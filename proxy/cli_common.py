@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from proxy.config import ConfigError, Settings, config_path, load_settings
+from proxy.untrusted_text import terminal_text
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -142,3 +144,9 @@ def study_arguments(
         fail(str(exc))
     # A recorded random seed: two studies differ, and either can be rebuilt.
     return names, pair, rubric, secrets.randbelow(2**31) if seed is None else seed
+
+
+def add_row(table: Table, *cells: str) -> None:
+    """A table row of plain text: reasons, actors and names come from Redis, the store or a file,
+    and must never be read as rich markup (a crash) or reach the terminal as control sequences."""
+    table.add_row(*(terminal_text(cell) for cell in cells))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from proxy.cli_common import config_option, console, fail, load_config, store_engine
+from proxy.cli_common import add_row, config_option, console, fail, load_config, store_engine
 
 if TYPE_CHECKING:
     from proxy.config import Settings
@@ -99,7 +99,7 @@ async def show_plan(settings: Settings, experiment: str, *, dry_run: bool, limit
     for i, phase in enumerate(plan):
         here = state is not None and state.phase == i
         gates = ", ".join(f"{g.label} ({g.failure_action})" for g in phase.gates) or "-"
-        table.add_row(("▶ " if here else "  ") + phase.name, f"{phase.percent:g}%", span(phase.min_duration),
+        add_row(table, ("▶ " if here else "  ") + phase.name, f"{phase.percent:g}%", span(phase.min_duration),
                       str(phase.min_users_per_variant), gates)  # fmt: skip
     console.print(table)
     if state is None:
@@ -111,7 +111,7 @@ async def show_plan(settings: Settings, experiment: str, *, dry_run: bool, limit
     if evidence is not None:
         now = Table("gate", "status", "on fail", "roughly", "evidence", title="gates now", title_justify="left")
         for g in evidence.gates:
-            now.add_row(g.gate, g.status, g.on_fail, span(g.eta_s) if g.status == "wait" else "-", g.detail)
+            add_row(now, g.gate, g.status, g.on_fail, span(g.eta_s) if g.status == "wait" else "-", g.detail)
         console.print(now)
         console.print(f"sample ratio: {evidence.srm_detail}", markup=False, highlight=False)
     if decision is not None:
@@ -121,6 +121,6 @@ async def show_plan(settings: Settings, experiment: str, *, dry_run: bool, limit
         table = Table("at (UTC)", "by", "action", "phase", "percent", "reason", title="latest decisions",
                       title_justify="left")  # fmt: skip
         for d in decisions:
-            table.add_row(_when(d.at), d.by, d.action, d.phase_to, f"{d.percent_from:g}% -> {d.percent_to:g}%",
+            add_row(table, _when(d.at), d.by, d.action, d.phase_to, f"{d.percent_from:g}% -> {d.percent_to:g}%",
                           d.reason)  # fmt: skip
         console.print(table)

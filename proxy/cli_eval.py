@@ -13,6 +13,7 @@ import click
 import orjson
 
 from proxy.cli_common import (
+    add_row,
     base_url_option,
     config_option,
     console,
@@ -276,6 +277,6 @@ def eval_runs(config: str | None, store_url: str | None) -> None:
     table = Table("run", "created (UTC)", "test file", "models (baseline first)", "answers")
     for r in found:
         when = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M")
-        table.add_row(r.id, when, r.test_file, ", ".join(f"{m.name} ({m.model})" for m in r.models),
+        add_row(table, r.id, when, r.test_file, ", ".join(f"{m.name} ({m.model})" for m in r.models),
                       f"{r.answered}/{r.examples * len(r.models)}")  # fmt: skip
     console.print(table)

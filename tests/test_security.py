@@ -158,6 +158,19 @@ class TestAdminTokens:
             "lice@example.comby: mallory", None, 7, 8)
 
 
+    def test_a_hostile_reason_is_shown_as_text_by_the_cli(self, http: httpx.Client, proxy: ProxyServer) -> None:
+        """Rich markup and terminal escapes in an audited reason: the audit table prints them as text."""
+        reason = "[/x] [bold]fake[/bold] \x1b[2J cleared"
+        http.put(f"{proxy.url}/admin/experiments/{EXPERIMENT}/rollout", headers=_as(ADMIN_TOKEN),
+                 json={"percent": 9, "reason": reason})  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "proxy", "rollout", "audit", EXPERIMENT, "--limit", "1",
+                               "--url", proxy.url, "--token", ADMIN_TOKEN],
+                              capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "[/x] [bold]fake[/bold] \\x1b[2J cleared" in done.stdout
+        assert "\x1b" not in done.stdout
+
+
 class TestSecretsNeverLeak:
     def test_after_a_run_with_errors_no_secret_is_anywhere(
         self,

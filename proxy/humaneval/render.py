@@ -1,4 +1,8 @@
-"""A StudyReport as a terminal table, Markdown or CSV rows (JSON is `report.to_json`)."""
+"""A StudyReport as a terminal table, Markdown or CSV rows (JSON is `report.to_json`).
+
+Model names come from an imported file or the config, and warnings quote them: they are written
+through `proxy.untrusted_text`, so a name can neither drive the terminal nor run in a rendered report.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from proxy.humaneval.report import StudyReport
+from proxy.untrusted_text import markdown_text, terminal_text
 
 
 def _p(value: float | None) -> str:
@@ -98,17 +103,18 @@ def summary_lines(report: StudyReport) -> list[str]:
 
 
 def to_table(report: StudyReport, console: Console) -> None:
-    console.print(f"[bold]study {report.study}[/bold]: {', '.join(report.models)}")
+    console.print(f"[bold]study {terminal_text(report.study)}[/bold]: "
+                  f"{terminal_text(', '.join(report.models))}")  # fmt: skip
     for line in summary_lines(report):
-        console.print(line, highlight=False)
+        console.print(terminal_text(line), highlight=False)
     for title, columns, rows in sections(report):
         if rows:
             table = Table(*columns, title=title, title_justify="left")
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*(terminal_text(cell) for cell in row))
             console.print(table)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {terminal_text(warning)}", highlight=False)
 
 
 def to_markdown(report: StudyReport) -> str:
@@ -116,9 +122,9 @@ def to_markdown(report: StudyReport) -> str:
     for title, columns, rows in sections(report):
         if rows:
             lines += ["", f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(rows_cell.replace("|", "\\|") for rows_cell in row) + " |" for row in rows]
+            lines += ["| " + " | ".join(markdown_text(cell) for cell in row) + " |" for row in rows]
     if report.warnings:
-        lines += ["", *[f"- **warning:** {w}" for w in report.warnings]]
+        lines += ["", *[f"- **warning:** {markdown_text(w)}" for w in report.warnings]]
     return "\n".join(lines) + "\n"
 
 

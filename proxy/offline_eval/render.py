@@ -16,6 +16,7 @@ from rich.table import Table
 
 from proxy.offline_eval.paired import PairedRates, PairedScores
 from proxy.offline_eval.report import Comparison, EvalReport, ExampleChange, ModelSummary
+from proxy.untrusted_text import terminal_text
 
 Section = tuple[str, list[str], list[list[str]]]
 # Changed examples listed in the terminal and Markdown views: regressions are what a reader must see.
@@ -148,7 +149,7 @@ def to_table(report: EvalReport, console: Console) -> None:
     for title, columns, rows in sections(report):
         table = Table(*columns, title=title, title_justify="left")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(terminal_text(cell) for cell in row))
         console.print(table)
 
 
