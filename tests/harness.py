@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,15 +36,33 @@ def free_port() -> int:
     """A port nothing listens on, never one this test run handed out already.
 
     The kernel may offer a just-released port again; two callers that have not bound theirs yet
-    (a proxy's port and its metrics_port) would then collide.
+    (a proxy's port and its metrics_port) would then collide. Under pytest-xdist each worker
+    draws from its own block below the kernel's ephemeral range (32768+), so two workers never
+    hand out the same port and no outgoing connection takes one before its server binds it.
     """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+        if worker.startswith("gw"):
+            low = 10_000 + int(worker[2:]) % 4 * 5_000
+            port = random.randrange(low, low + 5_000)
+            if port in _HANDED_OUT or not _bindable(port):
+                continue
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:

@@ -77,6 +77,8 @@ def _drive(proxy: ProxyServer, store: str, first_user: int) -> dict[str, int]:
 
     def stored() -> bool:
         with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("requests"):  # the collector has not migrated the store yet
+                return False
             total = conn.execute(sa.select(sa.func.count()).select_from(requests)).scalar_one()
         return bool(total >= (first_user + USERS) * 2)
 

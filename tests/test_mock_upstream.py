@@ -9,7 +9,6 @@ import json
 import os
 import re
 import selectors
-import socket
 import struct
 import subprocess
 import sys
@@ -246,18 +245,11 @@ async def test_stats_count_cancelled_stream() -> None:
     assert final["streams_completed"] == 1 and final["streams_cancelled"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_openai_client_against_real_server() -> None:
     """The official openai client streams (with usage) and completes against `run()` in a subprocess."""
     import openai
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     code = f"from proxy.mock_upstream import run; run(port={port}, name='x')"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,

@@ -20,11 +20,13 @@ def parse_time(text: str, now: float) -> float:
     value = text.strip()
     relative = _RELATIVE.fullmatch(value)
     if relative:
-        return now - float(relative.group(1)) * _UNIT_S[relative.group(2)]
+        return _in_range(text, now - float(relative.group(1)) * _UNIT_S[relative.group(2)])
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return _in_range(text, seconds)
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -32,4 +34,14 @@ def parse_time(text: str, now: float) -> float:
         raise ValueError(f"{text!r} is not a time: use {forms}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    return _in_range(text, moment.timestamp())
+
+
+# Unix seconds a report window can sensibly name; beyond, datetime (and the databases) overflow.
+_EARLIEST, _LATEST = 0.0, 253_402_300_799.0  # 1970-01-01 .. 9999-12-31T23:59:59Z
+
+
+def _in_range(text: str, seconds: float) -> float:
+    if not _EARLIEST <= seconds <= _LATEST:  # also false for NaN
+        raise ValueError(f"{text!r} is outside 1970..9999")
+    return seconds
