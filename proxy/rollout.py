@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.assignment import threshold
 from proxy.background import cancel_and_wait
@@ -79,10 +80,13 @@ end
 # KEYS: state hash, audit stream. ARGV: percent, at, by, reason, channel, experiment, default,
 # restore_rev. With restore_rev set, the write happens only if the hash is gone (Redis lost its
 # data), so several instances restoring at once write it once.
-_SET_SCRIPT = WRITE_PERCENT_LUA + """
+_SET_SCRIPT = (
+    WRITE_PERCENT_LUA
+    + """
 if ARGV[8] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then return false end
 return write_percent(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], '')
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +197,24 @@ class RolloutStore:
     ) -> tuple[RolloutState, float | None] | None:
         now = time.time()
         args = [
-            fmt_percent(percent), repr(now), by, reason or "", CHANNEL, experiment,
-            fmt_percent(self._defaults[experiment]), "" if restore_rev is None else str(restore_rev),
+            fmt_percent(percent),
+            repr(now),
+            by,
+            reason or "",
+            CHANNEL,
+            experiment,
+            fmt_percent(self._defaults[experiment]),
+            "" if restore_rev is None else str(restore_rev),
         ]
         try:
             result = await self._set(keys=[state_key(experiment), audit_key(experiment)], args=args)
+        except (RedisTimeoutError, TimeoutError) as exc:
+            # The script may have been sent and run (or may still run, when a partition heals and the
+            # queued bytes arrive): "nothing changed" would be a lie, so say what is known.
+            raise StateUnavailable(
+                f"rollout store did not answer in time ({exc}): the change may or may not have been applied; "
+                "read the rollout back before retrying"
+            ) from exc
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable, nothing changed: {exc}") from exc
         if result is None:
@@ -217,9 +234,7 @@ class RolloutStore:
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"rollout store unavailable: {exc}") from exc
         return [
-            AuditEntry(
-                entry_id, float(f["from"]), float(f["to"]), f["by"], float(f["at"]), f.get("reason") or None
-            )
+            AuditEntry(entry_id, float(f["from"]), float(f["to"]), f["by"], float(f["at"]), f.get("reason") or None)
             for entry_id, f in rows
         ]
 
@@ -334,8 +349,11 @@ class RolloutCache:
                 # a different config default would silently move users between arms, and only on
                 # the instances that noticed: write the last served value back instead.
                 restored = await self._store.restore(known)
-                log.warning("rollout_state_restored" if restored else "rollout_state_restored_elsewhere",
-                            experiment=name, percent=known.percent)
+                log.warning(
+                    "rollout_state_restored" if restored else "rollout_state_restored_elsewhere",
+                    experiment=name,
+                    percent=known.percent,
+                )
                 snapshot[name] = await self._store.get(name)
         self._apply_snapshot(snapshot, started_at)
 
