@@ -6,18 +6,22 @@
 
 Everything is checked before anything is written, so a bad request stores nothing: the metric
 must be declared, the value must have its type and range, and a request id must be one this
-deployment issued within `feedback.ttl_s` (`proxy.ids`: checked by its signature, no lookup).
+deployment issued within `feedback.ttl_s` (`proxy.ids`: checked by its signature, no lookup),
+spelled as issued: 40 hex digits, in either case (stored in lower case, as the request is).
 
 Accepted feedback is appended to the event stream with an awaited XADD, so a 202 means Redis
-holds it; if Redis cannot take it the answer is 503 and the app may retry. The collector
+holds it; if Redis cannot take it the answer is 503 and the app may retry (after a timeout the
+XADD may still have landed: the retry is then a duplicate, which is harmless). The collector
 stores it; one value per (request, metric) or (user, experiment, metric): the last one sent
-wins. None of this touches the chat path: it is its own request with its own Redis round trip.
+wins, so the same feedback posted twice is stored, and analysed, once. None of this touches the
+chat path: it is its own request with its own Redis round trip.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +37,8 @@ from proxy.event_stream import SCHEMA_VERSION, entry_fields
 from proxy.ids import RequestIds, RequestIdStatus
 
 MAX_FEEDBACK_BYTES = 16 * 1024
+# The form the proxy issues (x-request-id): 40 hex digits, which feedback may send in either case.
+_REQUEST_ID = re.compile(r"[0-9a-fA-F]{40}")
 
 
 class FeedbackBody(BaseModel):
@@ -98,8 +104,7 @@ class FeedbackIntake:
             if body.request_id is None:
                 raise InvalidRequest(f"{body.metric!r} needs the request_id the proxy returned (x-request-id)",
                                      param="request_id", code="missing_request_id")
-            self._check_request_id(body.request_id, now)
-            event["request_id"] = body.request_id
+            event["request_id"] = self._check_request_id(body.request_id, now)
         else:
             if body.request_id is not None:
                 raise InvalidRequest(
@@ -121,17 +126,31 @@ class FeedbackIntake:
         try:
             await self.redis.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
         except (RedisError, OSError) as exc:
-            raise FeedbackUnavailable(f"feedback was not stored (event stream unavailable: {type(exc).__name__}); "
-                                      "retry: feedback is idempotent") from None
+            # Not "was not stored": after a timeout the XADD may still be applied (a frozen Redis
+            # thawing). Saying so is what makes the advice to retry safe to follow.
+            raise FeedbackUnavailable(
+                f"feedback may not have been stored (event stream unavailable: {type(exc).__name__}); "
+                "retry: the same feedback sent twice is stored once"
+            ) from None
 
-    def _check_request_id(self, request_id: str, now: float) -> None:
-        status = self.request_ids.check(request_id, now, self.ttl_s)
+    def _check_request_id(self, request_id: str, now: float) -> str:
+        """The id as the proxy issued it (lower case), if it is one; raises NotFound or Gone otherwise."""
+        # bytes.fromhex (RequestIds.check) skips whitespace and ignores case, so " <id>\n" or the id in
+        # capitals passed its signature check, yet was stored under a spelling no request has: a 202
+        # for feedback the analysis could never join. Only the issued form is taken, in either case,
+        # and stored in the proxy's own spelling.
+        if not _REQUEST_ID.fullmatch(request_id):
+            status = RequestIdStatus.UNKNOWN
+        else:
+            request_id = request_id.lower()
+            status = self.request_ids.check(request_id, now, self.ttl_s)
         if status is RequestIdStatus.UNKNOWN:
             raise NotFound(f"unknown request id {request_id!r}: send the x-request-id this proxy returned",
                            param="request_id", code="request_not_found")
         if status is RequestIdStatus.EXPIRED:
             raise Gone(f"request {request_id!r} is older than the feedback window ({self.ttl_s} s)",
                        param="request_id", code="request_expired")
+        return request_id
 
 
 def accepted_body(event: dict[str, Any]) -> bytes:

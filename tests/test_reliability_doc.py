@@ -14,7 +14,8 @@ NODE = re.compile(r"`(tests/[\w/]+\.py)::([\w:]+)(?:\[[^\]`]*\])?`")
 # Modules written for issue 9: each must be cited, every one of its tests accounted for.
 RELIABILITY_MODULES = ("test_faults_upstream.py", "test_hostile_input.py", "test_security.py", "test_shutdown.py",
                        "test_stress.py", "test_readiness.py", "test_security_eval.py", "test_properties.py",
-                       "test_admin_schemathesis.py", "test_faults_redis.py")  # fmt: skip
+                       "test_admin_schemathesis.py", "test_faults_redis.py",
+                       "test_faults_feedback.py")  # fmt: skip
 
 
 def _tests_in(path: Path) -> set[str]:
