@@ -379,22 +379,33 @@ def events_tail(config: str | None, experiment: str | None, variant: str | None,
 @click.option("--consumer", default=None, help="This collector's name in the consumer group [hostname-pid].")
 @click.option("--once", is_flag=True, help="Store what the stream holds now, then exit.")
 @store_option
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def collect(config: str | None, consumer: str | None, once: bool, store_url: str | None, log_level: str) -> None:
+def collect(
+    config: str | None, consumer: str | None, once: bool, store_url: str | None, metrics_port: int | None,
+    log_level: str,
+) -> None:  # fmt: skip
     """Write the event stream's requests and feedback to the store, until SIGTERM (or drained, with --once)."""
     import redis.asyncio as aioredis
     import structlog
+    from prometheus_client import start_http_server
     from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from proxy.logs import configure_logging
-    from proxy.store.collector import Collector, default_consumer, error_line
+    from proxy.store.collector import Collector, CollectorMetrics, default_consumer, error_line
     from proxy.store.collector import collect as collect_events
     from proxy.store.db import Store
 
     _, settings = load_config(config, upstream_keys=False)
     engine = store_engine(store_url or settings.store.url)
     configure_logging(log_level)
+    metrics = CollectorMetrics()
+    if metrics_port is not None:
+        try:
+            start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
+        except OSError as exc:
+            fail(f"--metrics-port: cannot listen on port {metrics_port}: {exc.strerror}")
     revision = migrate_store(engine)
     structlog.get_logger("abproxy").info(
         "store_ready", store=engine.url.render_as_string(hide_password=True), revision=revision
@@ -409,7 +420,7 @@ def collect(config: str | None, consumer: str | None, once: bool, store_url: str
         collector = Collector(
             client, Store(engine), key=settings.events.redis_stream.key, group=options.group,
             consumer=consumer or default_consumer(), batch_size=options.batch_size, block_ms=options.block_ms,
-            claim_idle_ms=options.claim_idle_ms,
+            claim_idle_ms=options.claim_idle_ms, metrics=metrics,
         )  # fmt: skip
         try:
             await collect_events(collector, once=once)

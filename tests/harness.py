@@ -138,14 +138,25 @@ class Process:
 
 
 class RedisServer(Process):
-    """A throwaway redis-server; stop() and start() again keep the same port (outage tests)."""
+    """A throwaway redis-server; stop() and start() again keep the same port (outage tests).
 
-    def __init__(self, log_dir: Path) -> None:
+    By default nothing is persisted: a restart is empty. `extra_args` are appended to the command
+    line (later options win), e.g. `["--appendonly", "yes", "--appendfsync", "always"]`; with
+    them the server's files live in a directory of its own under `log_dir` (`data_dir`), which a
+    restart (kill() or stop(), then start()) keeps, so it comes back with what it had persisted.
+    """
+
+    def __init__(self, log_dir: Path, extra_args: list[str] | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.data_dir: Path | None = None
+        if extra_args:
+            self.data_dir = log_dir / f"redis-{self.port}-data"
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            argv += ["--dir", str(self.data_dir), *extra_args]
         super().__init__(f"redis-{self.port}", argv, log_dir)
 
     @property
@@ -155,6 +166,13 @@ class RedisServer(Process):
     def start(self) -> None:
         super().start()
         wait_until(lambda: _port_open(self.port), what="redis-server")
+        if self.data_dir is not None:  # it answers LOADING while it reads its files back: wait for a PING
+            wait_until(self._answers, what="redis-server to answer")
+
+    def _answers(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
 
 
 def postgres_bindir() -> Path | None:
@@ -178,7 +196,8 @@ class PostgresServer(Process):
     user, in a directory of its own under the system temp dir (pytest's are private to root).
     """
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, settings: dict[str, str] | None = None) -> None:
+        """`settings` are extra `-c name=value` options, after (and so overriding) the defaults below."""
         bindir = postgres_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
@@ -191,6 +210,8 @@ class PostgresServer(Process):
                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                 "-c", "max_connections=200"]  # fmt: skip
+        for name, value in (settings or {}).items():
+            argv += ["-c", f"{name}={value}"]
         super().__init__(f"postgres-{self.port}", argv, log_dir, {"LC_ALL": "C"})
 
     def _initdb(self) -> None:

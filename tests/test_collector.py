@@ -220,9 +220,96 @@ class TestCollector:
         await async_redis.xgroup_create(KEY, GROUP, id="0")
         await async_redis.xreadgroup(GROUP, "c1", {KEY: ">"})
         sync_redis.xdel(KEY, ids[0])
-        await collector(async_redis, engine).drain()
+        c = collector(async_redis, engine)
+        await c.drain()
         assert request_ids(engine) == {"r2"}
         assert pending(sync_redis) == 0
+        assert lost(c, "trimmed_pending") == 1 and lost(c, "trimmed_unread") == 0
+
+
+def add_trimmed(client: redis.Redis, ids: range, maxlen: int, *, approximate: bool = False) -> None:
+    """XADD request events with MAXLEN (exact unless `approximate`, which is what the proxy uses)."""
+    pipe = client.pipeline(transaction=False)
+    for i in ids:
+        event = request_event(f"r{i}")
+        pipe.xadd(KEY, entry_fields(event["request_id"], orjson.dumps(event)), maxlen=maxlen, approximate=approximate)
+    pipe.execute()
+
+
+def lost(c: Collector, reason: str) -> float:
+    return float(c.metrics.events_lost.labels(reason)._value.get())
+
+
+def lag(client: redis.Redis) -> int:
+    return int(next(g for g in client.xinfo_groups(KEY) if g["name"] == GROUP.encode())["lag"])
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+class TestLostToTrim:
+    """Entries MAXLEN trimmed before the group read them: counted once, in abproxy_collector_events_lost_total."""
+
+    async def test_entries_trimmed_while_the_collector_was_stopped_are_counted(
+        self, sync_redis: redis.Redis, async_redis: aioredis.Redis, engine: Engine
+    ) -> None:
+        """maxlen 10, collector stopped, 25 events: 15 counted lost, 10 stored; later gaps add up; lag back to 0."""
+        c = collector(async_redis, engine, batch_size=4)
+        assert await c.drain() == 0  # the group exists, at the stream's start
+        add_trimmed(sync_redis, range(25), maxlen=10)
+        with capture_logs() as logs:
+            assert await c.drain() == 10
+        assert lost(c, "trimmed_unread") == 15 and c.lost == 15
+        assert request_ids(engine) == {f"r{i}" for i in range(15, 25)}
+        warnings = [entry for entry in logs if entry["event"] == "collector_events_lost"]
+        assert [(w["entries"], w["reason"], w["log_level"]) for w in warnings] == [(15, "trimmed_unread", "warning")]
+        assert lag(sync_redis) == 0  # Redis 7.0 alone would report the 15 as lag from now on
+
+        add_trimmed(sync_redis, range(25, 30), maxlen=10)  # within the bound: nothing lost
+        assert await c.drain() == 5
+        assert lost(c, "trimmed_unread") == 15
+        add_trimmed(sync_redis, range(30, 45), maxlen=10)  # 15 more while it is stopped: 5 lost
+        assert await c.drain() == 10
+        assert lost(c, "trimmed_unread") == 20
+        assert len(request_ids(engine)) == 45 - 20
+        assert lag(sync_redis) == 0 and pending(sync_redis) == 0
+        assert lost(c, "trimmed_pending") == 0
+
+    async def test_a_group_created_after_the_trim_counts_it_too(
+        self, sync_redis: redis.Redis, async_redis: aioredis.Redis, engine: Engine
+    ) -> None:
+        """The first collector ever, started after 30 events went into a stream of maxlen 8: 22 lost."""
+        add_trimmed(sync_redis, range(30), maxlen=8)
+        c = collector(async_redis, engine)
+        assert await c.drain() == 8
+        assert lost(c, "trimmed_unread") == 22
+
+    async def test_approximate_trim_lost_plus_stored_is_every_event(
+        self, sync_redis: redis.Redis, async_redis: aioredis.Redis, engine: Engine
+    ) -> None:
+        """MAXLEN ~ 50 (whole nodes are dropped): whatever it kept is stored, the rest counted, exactly."""
+        c = collector(async_redis, engine, batch_size=37)
+        await c.drain()
+        add_trimmed(sync_redis, range(1000), maxlen=50, approximate=True)
+        kept = sync_redis.xlen(KEY)
+        assert kept < 1000
+        await c.drain()
+        assert len(request_ids(engine)) == kept
+        assert lost(c, "trimmed_unread") == 1000 - kept
+
+    async def test_collectors_sharing_the_group_count_a_gap_once(
+        self, sync_redis: redis.Redis, async_redis: aioredis.Redis, engine: Engine, redis_url: str
+    ) -> None:
+        """Two consumers draining at once after a gap: their counts sum to the gap, never twice it."""
+        first = collector(async_redis, engine, consumer="c1", batch_size=5)
+        await first.drain()
+        add_trimmed(sync_redis, range(200), maxlen=40)
+        other_client = aioredis.from_url(redis_url)
+        try:
+            second = collector(other_client, engine, consumer="c2", batch_size=5)
+            await asyncio.gather(first.drain(), second.drain())
+        finally:
+            await other_client.aclose()
+        assert lost(first, "trimmed_unread") + lost(second, "trimmed_unread") == 160
+        assert len(request_ids(engine)) == 40
 
 
 # -- abproxy collect / store migrate, as real processes ---------------------------------------

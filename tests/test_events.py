@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -22,12 +23,18 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from proxy.event_stream import SCHEMA_VERSION, ConsumerGroupReader, decode_entry, entry_fields, tail
 from proxy.events import EventLog, RedisStreamSink, StdoutSink
 from proxy.events_tail import format_line, matches
 from proxy.metrics import Metrics
+from proxy.store.collector import Collector
+from proxy.store.db import Store, engine_for, migrate
+from proxy.store.schema import requests
 from tests.harness import MockUpstream, ProxyServer, RedisServer, proxy_config, wait_until
+from tests.test_store import request_event
 
 STREAM_KEY = "abproxy:events"
 
@@ -172,57 +179,93 @@ class TestRedisStreamSink:
         length = redis.Redis.from_url(redis_url).xlen(STREAM_KEY)
         assert 50 <= length < 400
 
-    def test_redis_down_drops_events_and_never_fails_a_request(
+    def test_redis_down_then_back_loses_no_event(
         self, upstreams: tuple[MockUpstream, MockUpstream], tmp_path: Path
     ) -> None:
-        """With its Redis killed, the proxy answers every request, counts the lost events, and recovers."""
+        """With its Redis killed, the proxy answers every request and keeps the events; back, it writes them all."""
         with _proxy_on_own_redis(upstreams, tmp_path) as (own_redis, proxy):
             client = _client(proxy)
             client.chat.completions.create(model="sales-companion", messages=[{"role": "user", "content": "a"}])
+            wait_until(lambda: _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis") >= 1, what="xadd")
             own_redis.kill()
+            ids = []
             for i in range(30):
-                reply = client.chat.completions.create(
+                raw = client.chat.completions.with_raw_response.create(
                     model="sales-companion", messages=[{"role": "user", "content": "b"}], user=f"down-{i}"
                 )
-                assert reply.choices[0].message.content
-            wait_until(
-                lambda: _sample(proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis") >= 30,
-                timeout=15, what="drops counted",
-            )
+                assert raw.parse().choices[0].message.content
+                ids.append(raw.headers["x-request-id"])
             # stdout kept every event (its own sink flushes on its own schedule: wait for it)
-            wait_until(lambda: len(proxy.events()) >= 31, timeout=5, what="stdout events")
+            wait_until(lambda: len(proxy.events()) >= 31, timeout=10, what="stdout events")
+            assert _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis") == 1
+            own_redis.start()  # empty (no persistence): what arrives now is what the proxy kept
+            wait_until(lambda: set(ids) <= {e["request_id"] for e in _stream_events(own_redis.url)}, timeout=20,
+                       what=f"the kept events written\n{proxy.logs()}")  # fmt: skip
+            metrics = proxy.metrics_text()
+            assert _sample(metrics, "abproxy_events_dropped_total", sink="redis") == 0
+            assert _sample(metrics, "abproxy_events_total", sink="redis") == 31
+            assert '"event_sink_failing"' in proxy.stderr_path.read_text()
+            wait_until(lambda: '"event_sink_recovered"' in proxy.stderr_path.read_text(), what="recovery logged")
+
+    def test_outage_beyond_the_buffer_drops_exactly_the_overflow(
+        self, upstreams: tuple[MockUpstream, MockUpstream], tmp_path: Path
+    ) -> None:
+        """max_buffered 10, Redis down for 25 requests: exactly 15 counted buffer_full, the 10 kept written after."""
+        own_redis = RedisServer(tmp_path)
+        own_redis.start()
+        proxy = ProxyServer(_stream_config(upstreams, timeout_s=0.2, max_buffered=10), tmp_path, own_redis.url)
+        proxy.start()
+        try:
+            client = _client(proxy)
+            own_redis.kill()
+            ids = []
+            for i in range(25):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="sales-companion", messages=[{"role": "user", "content": "b"}], user=f"over-{i}"
+                )
+                ids.append(raw.headers["x-request-id"])
+            wait_until(lambda: len(proxy.events()) >= 25, timeout=10, what="stdout events")
+            dropped = _sample(proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis", reason="buffer_full")
+            assert dropped == 15
             own_redis.start()
-            written_before = _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis")
-
-            def recovered() -> bool:
-                # Events that arrive while the sink waits out its retry delay are dropped: keep sending.
-                client.chat.completions.create(model="sales-companion", messages=[{"role": "user", "content": "c"}])
-                return _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis") > written_before
-
-            wait_until(recovered, timeout=15, interval=0.2, what="sink recovered")
+            wait_until(lambda: _sample(proxy.metrics_text(), "abproxy_events_total", sink="redis") >= 10, timeout=20,
+                       what="the kept events written")  # fmt: skip
+            in_stream = [e["request_id"] for e in _stream_events(own_redis.url)]
+            assert len(in_stream) == 10 and set(in_stream) <= set(ids)
+            metrics = proxy.metrics_text()
+            assert _sample(metrics, "abproxy_events_dropped_total", sink="redis", reason="buffer_full") == 15
+            assert _sample(metrics, "abproxy_events_dropped_total", sink="redis", reason="sink_error") == 0
+            assert '"event_buffer_full"' in proxy.stderr_path.read_text()
+        finally:
+            proxy.stop()
+            own_redis.stop()
 
     def test_slow_redis_does_not_hold_requests(
         self, upstreams: tuple[MockUpstream, MockUpstream], tmp_path: Path
     ) -> None:
-        """While Redis stalls every write (CLIENT PAUSE), requests are still answered and stalled events dropped."""
+        """While Redis stalls every write (CLIENT PAUSE), requests are still answered; the events wait, then land."""
         with _proxy_on_own_redis(upstreams, tmp_path) as (own_redis, proxy):
             control = redis.Redis.from_url(own_redis.url)
             # Paused far longer than the client waits: a request that waited on Redis would time out.
             control.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+            ids = []
             try:
                 client = _client(proxy).with_options(timeout=10)
                 for _ in range(30):
-                    reply = client.chat.completions.create(
+                    raw = client.chat.completions.with_raw_response.create(
                         model="sales-companion", messages=[{"role": "user", "content": "x"}]
                     )
-                    assert reply.choices[0].message.content
-                wait_until(
-                    lambda: _sample(proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis") > 0,
-                    timeout=10, what="drops counted",
-                )
+                    assert raw.parse().choices[0].message.content
+                    ids.append(raw.headers["x-request-id"])
+                wait_until(lambda: '"event_sink_failing"' in proxy.stderr_path.read_text(), timeout=10,
+                           what="the stalled write noticed")  # fmt: skip
             finally:
                 control.execute_command("CLIENT", "UNPAUSE")
                 control.close()
+            # A timed-out pipeline may still have been applied: some events can be in the stream twice.
+            wait_until(lambda: set(ids) <= {e["request_id"] for e in _stream_events(own_redis.url)}, timeout=20,
+                       what="the stalled events written")  # fmt: skip
+            assert _sample(proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis") == 0
 
 
 class TestEventLog:
@@ -238,27 +281,133 @@ class TestEventLog:
         assert metrics.events_dropped.labels("stdout", "buffer_full")._value.get() == 2
         assert metrics.events.labels("stdout")._value.get() == 3
 
-    async def test_failing_sink_loses_only_its_own_events(self) -> None:
-        """A sink that raises counts sink_error; the other sink still gets every event."""
-
-        class Broken:
-            name = "broken"
-            batch_size = 2
-
-            async def write(self, batch: list[tuple[str, bytes]]) -> None:
-                raise OSError("disk on fire")
-
-            async def close(self) -> None:
-                return None
-
+    async def test_failing_sink_keeps_its_events_and_loses_them_only_at_shutdown(self) -> None:
+        """A sink that raises keeps its events (the other sink gets every one); at stop they are counted sink_error."""
         out = io.BytesIO()
         metrics = Metrics(CollectorRegistry())
-        log = EventLog([(Broken(), 100), (StdoutSink(out), 100)], metrics)
+        log = EventLog([(Flaky(fail=1000), 100), (StdoutSink(out), 100)], metrics)
         for i in range(5):
             log.emit({"request_id": f"r{i}"})
         await log.flush()
+        await log.flush()
         assert len(out.getvalue().splitlines()) == 5
-        assert metrics.events_dropped.labels("broken", "sink_error")._value.get() == 5
+        assert metrics.events_dropped.labels("flaky", "sink_error")._value.get() == 0
+        with capture_logs() as logs:
+            await log.stop()
+        assert metrics.events_dropped.labels("flaky", "sink_error")._value.get() == 5
+        assert metrics.events.labels("flaky")._value.get() == 0
+        lost = [entry for entry in logs if entry["event"] == "event_sink_lost_at_shutdown"]
+        assert [(entry["sink"], entry["events"]) for entry in lost] == [("flaky", 5)]
+
+    async def test_failed_batch_is_retried_first_and_in_order(self) -> None:
+        """Batches a sink refused are written when it recovers, before newer events, each once, none dropped."""
+        sink = Flaky(fail=3)
+        metrics = Metrics(CollectorRegistry())
+        log = EventLog([(sink, 100)], metrics)
+        for i in range(5):
+            log.emit({"request_id": f"r{i}"})
+        for _ in range(3):  # three failed tries of the first batch: nothing written, nothing lost
+            await log.flush()
+        assert sink.written == [] and sink.calls == 3
+        for i in range(5, 8):
+            log.emit({"request_id": f"r{i}"})
+        await log.flush()
+        assert sink.written == [f"r{i}" for i in range(8)]
+        assert metrics.events.labels("flaky")._value.get() == 8
+        assert metrics.events_dropped.labels("flaky", "buffer_full")._value.get() == 0
+        assert metrics.events_dropped.labels("flaky", "sink_error")._value.get() == 0
+
+    async def test_the_bound_counts_the_batch_held_for_a_retry(self) -> None:
+        """Bound 5 while the sink fails: the oldest 5 are kept (the failed batch too), every newer one counted."""
+        sink = Flaky(fail=2)
+        metrics = Metrics(CollectorRegistry())
+        log = EventLog([(sink, 5)], metrics)
+        for i in range(8):
+            log.emit({"request_id": f"r{i}"})
+        await log.flush()  # fails: the batch goes back to the front
+        for i in range(8, 10):
+            log.emit({"request_id": f"r{i}"})
+        assert metrics.events_dropped.labels("flaky", "buffer_full")._value.get() == 5
+        await log.flush()  # fails again
+        await log.flush()
+        assert sink.written == [f"r{i}" for i in range(5)]
+        log.emit({"request_id": "after"})  # room again
+        await log.stop()
+        assert sink.written == [*(f"r{i}" for i in range(5)), "after"]
+        assert metrics.events_dropped.labels("flaky", "buffer_full")._value.get() == 5
+        assert metrics.events_dropped.labels("flaky", "sink_error")._value.get() == 0
+
+    async def test_periodic_retry_waits_for_the_sinks_retry_delay(self) -> None:
+        """The drain task tries a failed sink again only after its retry_after_s, then delivers everything."""
+        sink = Flaky(fail=1, retry_after_s=0.3)
+        log = EventLog([(sink, 100)], Metrics(CollectorRegistry()), flush_interval_s=0.01)
+        await log.start()
+        try:
+            for i in range(3):
+                log.emit({"request_id": f"r{i}"})
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(sink.written) < 3:
+                assert asyncio.get_running_loop().time() < deadline, "never retried"
+                await asyncio.sleep(0.01)
+            assert sink.calls == 3  # one failure, then the two batches (size 2): not a try per 10 ms tick
+        finally:
+            await log.stop()
+        assert sink.written == ["r0", "r1", "r2"]
+
+    async def test_a_batch_cancelled_mid_write_is_kept_for_the_final_flush(self) -> None:
+        """Shutdown cancels a write that hangs; the batch goes back and the final flush writes it."""
+        sink = Flaky(fail=0, hang_first=True)
+        metrics = Metrics(CollectorRegistry())
+        log = EventLog([(sink, 100)], metrics, flush_interval_s=0.01)
+        await log.start()
+        log.emit({"request_id": "r0"})
+        deadline = asyncio.get_running_loop().time() + 10
+        while not sink.calls:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await log.stop()
+        assert sink.written == ["r0"]
+        assert metrics.events_dropped.labels("flaky", "sink_error")._value.get() == 0
+
+    async def test_retried_batch_in_the_stream_twice_is_stored_once(self, redis_url: str, tmp_path: Path) -> None:
+        """A pipeline applied by Redis whose reply was lost is written again: two entries, one stored request."""
+
+        class LostReply(RedisStreamSink):
+            """Writes the batch, then fails as if the connection dropped before the reply: the first time only."""
+
+            failed = False
+
+            async def write(self, batch: list[tuple[str, bytes]]) -> None:
+                await super().write(batch)
+                if not self.failed:
+                    self.failed = True
+                    raise ConnectionError("connection lost after the pipeline was sent")
+
+        sink = LostReply(redis_url, key=STREAM_KEY, maxlen=1000, batch_size=10, timeout_s=1, retry_after_s=0)
+        metrics = Metrics(CollectorRegistry())
+        log = EventLog([(sink, 100)], metrics)
+        for i in range(4):
+            log.emit(request_event(f"twice-{i}"))
+        await log.flush()  # in the stream, but "failed": kept
+        await log.flush()  # retried: in the stream again
+        await log.stop()
+        in_stream = [e["request_id"] for e in _stream_events(redis_url)]
+        assert sorted(in_stream) == sorted([f"twice-{i}" for i in range(4)] * 2)
+        assert metrics.events.labels("redis")._value.get() == 4
+
+        engine = engine_for(f"sqlite:///{tmp_path / 'store.db'}")
+        migrate(engine)
+        client = aioredis.from_url(redis_url)
+        try:
+            collector = Collector(client, Store(engine), key=STREAM_KEY, group="g", consumer="c")
+            assert await collector.drain() == 8
+            assert (collector.stored, collector.duplicates) == (4, 4)
+            with engine.connect() as conn:
+                rows = conn.execute(select(requests.c.request_id)).scalars().all()
+            assert sorted(rows) == [f"twice-{i}" for i in range(4)]
+        finally:
+            await client.aclose()
+            engine.dispose()
 
     async def test_no_sinks_means_emit_does_nothing(self) -> None:
         """With every sink switched off, emit neither buffers nor counts."""
@@ -485,6 +634,29 @@ class TestCli:
         no_token = subprocess.run([sys.executable, "-m", "proxy", "traffic", "--ramp", "5,10"],
                                   capture_output=True, text=True, env=env)
         assert no_token.returncode == 2 and "ABPROXY_ADMIN_TOKEN" in no_token.stderr
+
+
+class Flaky:
+    """A sink that fails its first `fail` writes (and may hang on its first), then records what it gets."""
+
+    name = "flaky"
+    batch_size = 2
+
+    def __init__(self, *, fail: int, retry_after_s: float = 0.0, hang_first: bool = False) -> None:
+        self.fail, self.retry_after_s, self.hang_first = fail, retry_after_s, hang_first
+        self.calls = 0
+        self.written: list[str] = []
+
+    async def write(self, batch: list[tuple[str, bytes]]) -> None:
+        self.calls += 1
+        if self.hang_first and self.calls == 1:
+            await asyncio.Event().wait()  # until cancelled
+        if self.calls <= self.fail:
+            raise OSError("sink unavailable")
+        self.written += [request_id for request_id, _ in batch]
+
+    async def close(self) -> None:
+        return None
 
 
 def _consumers_blocked(url: str) -> bool:

@@ -15,7 +15,10 @@ NODE = re.compile(r"`(tests/[\w/]+\.py)::([\w:]+)(?:\[[^\]`]*\])?`")
 RELIABILITY_MODULES = ("test_faults_upstream.py", "test_hostile_input.py", "test_security.py", "test_shutdown.py",
                        "test_stress.py", "test_readiness.py", "test_security_eval.py", "test_properties.py",
                        "test_admin_schemathesis.py", "test_faults_redis.py",
-                       "test_faults_feedback.py")  # fmt: skip
+                       "test_faults_feedback.py", "test_faults_pipeline.py")  # fmt: skip
+
+
+TEST_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def _tests_in(path: Path) -> set[str]:
@@ -24,8 +27,8 @@ def _tests_in(path: Path) -> set[str]:
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ClassDef):
             found |= {f"{node.name}::{f.name}" for f in node.body
-                      if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}  # fmt: skip
-        elif isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                      if isinstance(f, TEST_DEFS) and f.name.startswith("test_")}  # fmt: skip
+        elif isinstance(node, TEST_DEFS) and node.name.startswith("test_"):
             found.add(node.name)
     return found
 

@@ -10,7 +10,7 @@ batch, from the first source that has entries:
        after every failure, so a failed batch is retried at once, not after `claim_idle_ms`
     2. entries other consumers have held unacked for `claim_idle_ms` (XAUTOCLAIM): a dead
        collector's batch is taken over by a live one
-    3. new entries (XREADGROUP >), waiting up to `block_ms` for them
+    3. new entries (XREADGROUP >, in the script below), waiting up to `block_ms` for them
 
 Entry by entry:
     malformed (decode_entry refuses it, or the store could not hold the event)
@@ -18,7 +18,24 @@ Entry by entry:
     schema_version newer than this code
                          logged, left pending (unacked) for a newer collector to claim
     trimmed by MAXLEN while pending (no fields)
-                         acked: nothing left to store
+                         acked: nothing left to store; counted lost (reason trimmed_pending)
+
+Lost to the stream's bound. The stream keeps `events.redis_stream.maxlen` entries (trimmed
+approximately at each XADD); a collector down or slower than the proxy for longer than that
+loses the oldest entries it has not read. Each read of new entries is a Lua script that first
+compares the group's position with the stream's (XINFO GROUPS entries-read and last-delivered-id,
+XINFO STREAM entries-added, length and first entry): when the group's last-delivered id lies
+before the first retained entry, the entries between were trimmed unread, and they number
+`entries-added - length - entries-read`. The script counts them, moves the group just before the
+first retained entry with XGROUP SETID .. ENTRIESREAD (Redis 7.0 would otherwise go on counting
+them as lag forever, and count the next gap wrong), then reads: one atomic step, so no trim and
+no other consumer can come in between, and each lost entry is counted once, by one collector.
+They are counted in `abproxy_collector_events_lost_total{reason="trimmed_unread"}` and logged
+(`collector_events_lost`, a warning). A group this code created (at id 0) starts with a known
+read counter, so even entries trimmed before the first collector ran are counted; a group whose
+counter Redis does not know (created elsewhere, or moved by XGROUP SETID without ENTRIESREAD) may
+have lost some, how many is not known: logged as `collector_events_lost_unknown`, and from then
+on its counter is set and known.
 
 `run` never exits on a Redis or database error: it logs, backs off (up to 5 s) and tries again,
 without acking. Only `stop` ends it, after the batch in hand.
@@ -35,6 +52,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -43,11 +61,92 @@ from proxy.store.db import Store, WriteResult, check_event
 
 log = structlog.get_logger("abproxy")
 
-# (entry id, fields) as redis-py returns them from a client without decode_responses
-
 MAX_BACKOFF_S = 5.0
 MAX_CLAIM_PAUSE_S = 5.0
 SUMMARY_INTERVAL_S = 30.0
+
+# KEYS[1] the stream; ARGV group, consumer, count. Returns {lost, entries, cursor}: the entries
+# trimmed before the group read them (-1: some, how many unknown), the new entries read (as
+# XREADGROUP > returns them), and the group's last-delivered id after the read.
+READ_NEW = """
+local key, group = KEYS[1], ARGV[1]
+local function get(reply, name)
+  for i = 1, #reply, 2 do
+    if reply[i] == name then return reply[i + 1] end
+  end
+  return nil
+end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function before(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local function previous(id)
+  local ms, seq = parse(id)
+  if seq > 0 then return string.format('%d-%d', ms, seq - 1) end
+  return string.format('%d-18446744073709551615', ms - 1)
+end
+
+local lost, cursor = 0, nil
+local stream = redis.pcall('XINFO', 'STREAM', key)
+local groups = redis.pcall('XINFO', 'GROUPS', key)
+if stream.err == nil and groups.err == nil then
+  for _, g in ipairs(groups) do
+    if get(g, 'name') == group then
+      cursor = get(g, 'last-delivered-id')
+      local read = get(g, 'entries-read')
+      local length, added = get(stream, 'length'), get(stream, 'entries-added')
+      -- Every entry before `boundary` is gone, `gone` of them in all, and the group resumes at `resume`.
+      local boundary, gone, resume = nil, nil, nil
+      if length > 0 then
+        local first = get(stream, 'first-entry')[1]
+        -- An XDEL at or after the first entry: entries-added - length also counts entries after it.
+        if before(get(stream, 'max-deleted-entry-id'), first) then
+          boundary, gone, resume = first, added - length, previous(first)
+        end
+      elseif added > 0 then
+        local last = get(stream, 'last-generated-id')
+        boundary, gone, resume = last, added, last
+        if cursor == last then boundary = nil end
+      end
+      if boundary ~= nil and before(cursor, boundary) then
+        if read == false and cursor == '0-0' then read = 0 end
+        if read == false then lost = -1 else lost = math.max(gone - read, 0) end
+        if lost ~= 0 then
+          redis.call('XGROUP', 'SETID', key, group, resume, 'ENTRIESREAD', gone)
+          cursor = resume
+        end
+      end
+    end
+  end
+end
+local reply = redis.call('XREADGROUP', 'GROUP', group, ARGV[2], 'COUNT', ARGV[3], 'STREAMS', key, '>')
+local entries = {}
+if reply then
+  entries = reply[1][2]
+  cursor = entries[#entries][1]
+end
+return {lost, entries, cursor or '0-0'}
+"""
+
+
+class CollectorMetrics:
+    """The collector's Prometheus metrics (`abproxy collect --metrics-port`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.events_lost = Counter(
+            "abproxy_collector_events_lost",
+            "Stream entries deleted before the store got them: trimmed by the stream's MAXLEN before the "
+            "group read them (trimmed_unread), or while read and not yet stored (trimmed_pending).",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+        self.lost_unread = self.events_lost.labels("trimmed_unread")
+        self.lost_pending = self.events_lost.labels("trimmed_pending")
 
 
 def default_consumer() -> str:
@@ -68,14 +167,19 @@ class Collector:
         batch_size: int = 500,
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
+        metrics: CollectorMetrics | None = None,
     ) -> None:
         self.redis, self.store = redis, store
+        self.metrics = metrics if metrics is not None else CollectorMetrics()
         self.key, self.group, self.consumer = key, group, consumer
         self.batch_size, self.block_ms, self.claim_idle_ms = batch_size, block_ms, claim_idle_ms
         self.reader = ConsumerGroupReader(redis, group, consumer, key)
         self.processed = self.stored = self.duplicates = self.skipped = self.malformed = self.feedback = 0
         self.newer = 0  # entries of a newer schema version, left pending
         self.pairs = 0  # production pairs added as comparisons
+        self.lost = 0  # entries the stream trimmed before they were stored (both reasons)
+        self._read_new = redis.register_script(READ_NEW)
+        self._new_cursor = "0-0"  # the group's last-delivered id, as the last read left it
         # Their ids: claimed or read again, they are neither logged nor counted twice, and a
         # claim that returns only these is no reason to skip reading new entries.
         self._deferred: set[bytes] = set()
@@ -90,7 +194,7 @@ class Collector:
         return {
             "processed": self.processed, "stored": self.stored, "duplicates": self.duplicates,
             "skipped": self.skipped, "malformed": self.malformed, "feedback": self.feedback, "newer": self.newer,
-            "pairs": self.pairs,
+            "pairs": self.pairs, "lost": self.lost,
         }  # fmt: skip
 
     async def step(self) -> int:
@@ -157,7 +261,7 @@ class Collector:
                     return claimed
                 if claimed:
                     self._next_claim = time.monotonic() + self._claim_pause_s
-            return await self._read(">", block_ms)
+            return await self._read_new_entries(block_ms)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # the stream or group was deleted: recreate it next step
                 self._group_ready = False
@@ -165,6 +269,40 @@ class Collector:
 
     async def _read(self, cursor: str, block_ms: int | None) -> list[RawEntry]:
         return await self.reader.read(cursor=cursor, count=self.batch_size, block_ms=block_ms)
+
+    async def _read_new_entries(self, block_ms: int | None) -> list[RawEntry]:
+        """New entries (XREADGROUP >) through READ_NEW, counting those trimmed unread first.
+
+        The script cannot block: with nothing new, XREAD (which consumes nothing) waits up to
+        `block_ms` for an entry after the group's position, and the script runs once more.
+        """
+        entries = await self._read_new_once()
+        if entries or not block_ms:
+            return entries
+        woken: Any = await self.redis.xread({self.key: self._new_cursor}, count=1, block=block_ms)
+        return await self._read_new_once() if woken else []
+
+    async def _read_new_once(self) -> list[RawEntry]:
+        # redis-py types script replies loosely; READ_NEW's shape is fixed above.
+        reply: Any = await self._read_new(keys=[self.key], args=[self.group, self.consumer, self.batch_size])
+        lost, raw_entries, cursor = int(reply[0]), reply[1], reply[2]
+        self._new_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        entries: list[RawEntry] = [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in raw_entries]
+        if lost > 0:
+            self.lost += lost
+            self.metrics.lost_unread.inc(lost)
+            log.warning(
+                "collector_events_lost", entries=lost, reason="trimmed_unread", lost_total=self.lost,
+                resumed_at=entries[0][0].decode() if entries else self._new_cursor,
+                note="the stream's maxlen was reached before the collector read them; "
+                "raise events.redis_stream.maxlen or keep the collector up",
+            )  # fmt: skip
+        elif lost < 0:
+            log.warning(
+                "collector_events_lost_unknown", reason="trimmed_unread",
+                note="the group's read counter was unknown: entries may have been trimmed unread, how many is unknown",
+            )  # fmt: skip
+        return entries
 
     async def _claim(self) -> list[RawEntry]:
         cursor, claimed = await self.reader.claim(
@@ -181,11 +319,12 @@ class Collector:
     async def _handle(self, entries: list[RawEntry]) -> None:
         events: list[dict[str, Any]] = []
         ack: list[str] = []
-        malformed = newer = 0
+        malformed = newer = trimmed = 0
         newer_first: str | None = None
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             if not fields:
+                trimmed += 1
                 ack.append(entry_id)
                 continue
             try:
@@ -222,6 +361,13 @@ class Collector:
         self.skipped += result.skipped
         self.malformed += malformed
         self.newer += newer
+        if trimmed:
+            self.lost += trimmed
+            self.metrics.lost_pending.inc(trimmed)
+            log.warning(
+                "collector_events_lost", entries=trimmed, reason="trimmed_pending", lost_total=self.lost,
+                note="read but not stored before the stream's maxlen trimmed them",
+            )  # fmt: skip
         log.debug(
             "collector_batch", entries=len(entries), stored=result.requests_inserted,
             duplicates=result.requests_duplicate, feedback=result.feedback_written, pairs=result.pairs_added,
