@@ -15,7 +15,8 @@ NODE = re.compile(r"`(tests/[\w/]+\.py)::([\w:]+)(?:\[[^\]`]*\])?`")
 RELIABILITY_MODULES = ("test_faults_upstream.py", "test_hostile_input.py", "test_security.py", "test_shutdown.py",
                        "test_stress.py", "test_readiness.py", "test_security_eval.py", "test_properties.py",
                        "test_admin_schemathesis.py", "test_faults_redis.py",
-                       "test_faults_feedback.py", "test_faults_pipeline.py")  # fmt: skip
+                       "test_faults_feedback.py", "test_faults_pipeline.py",
+                       "test_faults_controller.py")  # fmt: skip
 
 
 TEST_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)

@@ -156,10 +156,14 @@ class Controller:
         self.metrics.show(experiment, plan, state, evidence)
         if decision.move is None:
             if decision.action == "hold" and state is not None and self._last_hold.get(experiment) != decision.reason:
-                self._last_hold[experiment] = decision.reason
                 percent = plan[state.phase].percent
-                await self.store.note(state, action="hold", by=BY, reason=decision.reason, percent=percent,
-                                      evidence=evidence.as_dict() if evidence else None)  # fmt: skip
+                try:  # fenced like a transition (state.py _NOTE): LostLock goes up to tick()
+                    await self.store.note(state, action="hold", by=BY, reason=decision.reason, percent=percent,
+                                          evidence=evidence.as_dict() if evidence else None,
+                                          lock_owner=self.lock.owner)  # fmt: skip
+                except Conflict:  # the plan moved since it was read: the next round decides on the new state
+                    return Outcome(decision, state, evidence, written=False)
+                self._last_hold[experiment] = decision.reason
                 self._log(experiment, decision, state)
             return Outcome(decision, state, evidence, written=False)
         if self.before_act is not None:

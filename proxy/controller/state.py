@@ -21,6 +21,7 @@ from typing import Any, Literal, cast, get_args
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StateUnavailable
 from proxy.rollout import CHANNEL, WRITE_PERCENT_LUA, audit_key, fmt_percent, state_key
@@ -60,6 +61,20 @@ redis.call('HSET', KEYS[1], 'rev', rev + 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', DECISIONS_MAXLEN, '*', 'decision', ARGV[12], 'percent_from', before,
            'percent_to', after, 'rev', rev + 1)
 return {'ok', tostring(rev + 1)}
+""".replace("DECISIONS_MAXLEN", str(DECISIONS_MAXLEN))
+
+# A hold changes nothing, yet its record must obey the same rules as a transition's: a controller that lost the
+# lease while its XADD was in flight (a partition, a stall) would otherwise append "holding in canary" after the
+# new leader's promotion, a decision its writer no longer had the right to take.
+# KEYS: plan hash, decisions stream, lock. ARGV: 1 plan rev the hold was decided on, 2 lock owner ('' for a
+# person), 3 decision JSON, 4 percent.
+_NOTE = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return {'lost_lock', ''} end
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '-1')
+if rev ~= tonumber(ARGV[1]) then return {'conflict', tostring(rev)} end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', DECISIONS_MAXLEN, '*', 'decision', ARGV[3], 'percent_from', ARGV[4],
+           'percent_to', ARGV[4], 'rev', ARGV[1])
+return {'ok', ARGV[1]}
 """.replace("DECISIONS_MAXLEN", str(DECISIONS_MAXLEN))
 
 
@@ -132,6 +147,7 @@ class PlanStore:
         self._redis = redis
         self._defaults = defaults  # experiment -> config rollout_percent (what holds before any write)
         self._transition = redis.register_script(_TRANSITION)
+        self._note = redis.register_script(_NOTE)
 
     async def get(self, experiment: str) -> PlanState | None:
         try:
@@ -168,6 +184,13 @@ class PlanStore:
                 LOCK_KEY]  # fmt: skip
         try:
             outcome, detail = await self._transition(keys=keys, args=args)
+        except (RedisTimeoutError, TimeoutError) as exc:
+            # As in rollout.py: the script may have been sent and run, or may still run when a partition heals
+            # and the queued bytes arrive (whole, and only if the lease and the revision still hold).
+            raise StateUnavailable(
+                f"plan store did not answer in time ({exc}): the transition may or may not have been applied; "
+                "read the plan back before retrying"
+            ) from exc
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"plan store unavailable, nothing changed: {exc}") from exc
         if outcome == "lost_lock":
@@ -178,18 +201,22 @@ class PlanStore:
                          int(detail), at, move.by, move.reason)  # fmt: skip
 
     async def note(self, state: PlanState, *, action: str, by: str, reason: str, evidence: dict[str, Any] | None,
-                   percent: float) -> None:  # fmt: skip
-        """Record a decision that changes nothing (a hold) beside the transitions, at the plan's revision."""
+                   percent: float, lock_owner: str | None = None) -> None:  # fmt: skip
+        """Record a decision that changes nothing (a hold) beside the transitions, at the plan's revision: only if
+        the plan is still at `state.rev` and, for the controller, it still holds the lock (Conflict / LostLock)."""
         decision = {"at": time.time(), "by": by, "action": action, "status": state.status,
                     "phase_from": state.phase_name, "phase_to": state.phase_name, "reason": reason,
                     "evidence": evidence}  # fmt: skip
-        shown = fmt_percent(percent)
+        keys = [plan_key(state.experiment), decisions_key(state.experiment), LOCK_KEY]
+        args = [str(state.rev), lock_owner or "", orjson.dumps(decision).decode(), fmt_percent(percent)]
         try:
-            await self._redis.xadd(decisions_key(state.experiment), {
-                "decision": orjson.dumps(decision).decode(), "percent_from": shown, "percent_to": shown,
-                "rev": str(state.rev)}, maxlen=DECISIONS_MAXLEN, approximate=True)  # fmt: skip
+            outcome, detail = await self._note(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"plan store unavailable: {exc}") from exc
+        if outcome == "lost_lock":
+            raise LostLock("this controller no longer holds the lock")
+        if outcome == "conflict":
+            raise Conflict(f"the plan moved (now at revision {detail}, decided on {state.rev})")
 
     async def decisions(self, experiment: str, count: int = 100) -> list[DecisionRecord]:
         """Newest first."""
