@@ -8,6 +8,7 @@ and differs only in what serves `/v1/chat/completions`:
     reference      Starlette route   (the yardstick every ratio is taken against)
     raw_asgi       a raw ASGI callable, no framework
     fastapi_route  a FastAPI route
+    aiohttp_app    aiohttp's own server, no ASGI (the suite's "bare aiohttp forwarder")
 
 They are uvicorn factories: `uvicorn --factory --app-dir bench forwarders_ref:reference`.
 The upstream base URL comes from BENCH_UPSTREAM (e.g. http://127.0.0.1:9000/v1).
@@ -144,3 +145,38 @@ async def _lifespan(fwd: _Forwarder, receive: Receive, send: Send) -> None:
                 await fwd.session.close()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def aiohttp_app() -> Any:
+    """aiohttp's own server + aiohttp client: the bare forwarder the suite's targets are ratios to.
+
+    Run as `python bench/forwarders_ref.py aiohttp PORT` (uvloop); it is not an ASGI app."""
+    from aiohttp import web
+
+    fwd = _Forwarder()
+
+    async def chat(request: web.Request) -> web.Response:
+        status, payload = await fwd.forward(await request.read())
+        return web.Response(body=payload, status=status, content_type="application/json")
+
+    async def session(_: web.Application) -> AsyncIterator[None]:
+        fwd.session = _new_session()
+        yield
+        await fwd.session.close()
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.cleanup_ctx.append(session)
+    return app
+
+
+if __name__ == "__main__":
+    import sys
+
+    import uvloop
+    from aiohttp import web
+
+    if sys.argv[1:2] != ["aiohttp"] or len(sys.argv) != 3:
+        sys.exit("usage: forwarders_ref.py aiohttp PORT")
+    uvloop.install()
+    web.run_app(aiohttp_app(), host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)

@@ -1,0 +1,1 @@
+"""One module per scenario of the suite (see bench/core.py for what each provides)."""
