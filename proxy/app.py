@@ -14,12 +14,14 @@ import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.config import Settings, config_path, load_settings
 from proxy.errors import ProxyError, error_body
@@ -35,7 +37,12 @@ from proxy.types import Message, Receive, Scope, Send
 class ProxyApp:
     def __init__(self, runtime: Runtime, *, freeze_gc: bool = False) -> None:
         self.runtime = runtime
-        self.api = _build_api(runtime, freeze_gc=freeze_gc)
+        # X-Forwarded-For/-Proto from a trusted balancer (uvicorn's FORWARDED_ALLOW_IPS, loopback by
+        # default) for the admin API and /eval: their rate limits and links use the client's address.
+        # The server runs with proxy_headers off, so /v1, which uses neither, skips the header scan.
+        trusted = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+        api = _build_api(runtime, freeze_gc=freeze_gc)
+        self.api = cast(ASGIApp, ProxyHeadersMiddleware(api, trusted))  # type: ignore[arg-type]
         self.openai = OpenAIHandler(
             runtime.router,
             runtime.rollout,

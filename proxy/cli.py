@@ -72,6 +72,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
         "http": "httptools",
         "access_log": False,  # the event stream is the access log, written off the request path
         "server_header": False,
+        "proxy_headers": False,  # applied to the admin API and /eval only (proxy/app.py)
         "log_level": log_level,
         # SIGTERM: stop accepting, let open requests and streams run this long, then end them and
         # flush the event sinks (the app's lifespan shutdown).
