@@ -48,7 +48,9 @@ def _load(name: str) -> ModuleType:
               show_default=True, help="Where the reports go.")  # fmt: skip
 @click.option("--keep-logs", is_flag=True, help="Keep every process's output (kept anyway on a failure).")
 @click.option("--list", "list_only", is_flag=True, help="List the scenarios and exit.")
-def main(only: str, quick: bool, out: Path, keep_logs: bool, list_only: bool) -> None:
+@click.option("--set", "settings", multiple=True, metavar="SCENARIO.KEY=VALUE",
+              help="A scenario's own option, e.g. --set soak.minutes=3 (see each scenario's OPTIONS).")  # fmt: skip
+def main(only: str, quick: bool, out: Path, keep_logs: bool, list_only: bool, settings: tuple[str, ...]) -> None:
     names = [n.strip() for n in only.split(",") if n.strip()] or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -57,8 +59,12 @@ def main(only: str, quick: bool, out: Path, keep_logs: bool, list_only: bool) ->
         )
     if list_only:
         for name in SCENARIOS:
-            click.echo(f"{name:14s} {_load(name).TITLE}")
+            module = _load(name)
+            click.echo(f"{name:14s} {module.TITLE}")
+            for key, text in getattr(module, "OPTIONS", {}).items():
+                click.echo(f"{'':16s}--set {name}.{key}=...  {text}")
         return
+    options = _options(settings)
     if (os.cpu_count() or 1) < 2:
         raise click.ClickException("needs 2 cores: the server under test on core 0, load and upstreams on core 1")
     raise_fd_limit()
@@ -71,7 +77,7 @@ def main(only: str, quick: bool, out: Path, keep_logs: bool, list_only: bool) ->
         module = _load(name)
         workdir = Path(tempfile.mkdtemp(prefix=f"abproxy-bench-{name}-"))
         procs = Processes(workdir)
-        ctx = Context(workdir=workdir, procs=procs, quick=quick, keep_logs=keep_logs)
+        ctx = Context(workdir=workdir, procs=procs, quick=quick, keep_logs=keep_logs, options=options.get(name, {}))
         console.rule(f"{module.TITLE}{' (quick)' if quick else ''}")
         t0 = time.monotonic()
         keep = keep_logs
@@ -108,6 +114,27 @@ def main(only: str, quick: bool, out: Path, keep_logs: bool, list_only: bool) ->
     console.print(f"report: {out / f'{stamp}.md'} and .json", highlight=False)
     if failed:
         raise click.ClickException(f"scenarios with errors: {', '.join(sorted(set(failed)))}")
+
+
+def _options(settings: tuple[str, ...]) -> dict[str, dict[str, float | str]]:
+    """`soak.minutes=3` -> {"soak": {"minutes": 3.0}}: numbers as floats, anything else as text."""
+    options: dict[str, dict[str, float | str]] = {}
+    for item in settings:
+        target, sep, raw = item.partition("=")
+        scenario, dot, key = target.partition(".")
+        if not sep or not dot or scenario not in SCENARIOS or not key:
+            raise click.BadParameter(f"{item!r}: expected SCENARIO.KEY=VALUE with a known scenario", param_hint="--set")
+        known = getattr(_load(scenario), "OPTIONS", {})
+        if key not in known:
+            raise click.BadParameter(
+                f"{item!r}: {scenario} takes {', '.join(known) or 'no options'}", param_hint="--set"
+            )
+        try:
+            value: float | str = float(raw)
+        except ValueError:
+            value = raw
+        options.setdefault(scenario, {})[key] = value
+    return options
 
 
 if __name__ == "__main__":

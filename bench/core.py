@@ -4,7 +4,8 @@ A scenario is a module in `bench/scenarios/` with
 
     NAME = "throughput"                       # `python -m bench --only throughput`
     TITLE = "1. Non-streaming throughput and added latency"
-    def run(ctx: Context) -> Result: ...
+    OPTIONS = {"rounds": "alternating rounds [3]"}   # optional: `--set throughput.rounds=5`
+    def run(ctx: Context) -> Result: ...      # reads ctx.options.get("rounds", 3)
 
 It starts what it needs through `ctx.procs` (every process in its own group, pinned to a core,
 stopped when the suite ends, even on Ctrl-C), measures the thing and a baseline *in the same
@@ -80,7 +81,7 @@ class Context:
     procs: Processes
     quick: bool = False
     keep_logs: bool = False
-    options: dict[str, Any] = field(default_factory=dict)  # per-scenario overrides from the CLI
+    options: dict[str, Any] = field(default_factory=dict)  # this scenario's --set KEY=VALUE (numbers as floats)
 
     def path(self, name: str) -> Path:
         return self.workdir / name

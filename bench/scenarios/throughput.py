@@ -22,10 +22,13 @@ TITLE = "1. Non-streaming throughput and added latency"
 # rerun here, as LiteLLM's install is larger than this whole project. The ratio is to that figure.
 LITELLM_RPS = 70.0
 CANDIDATES = ("direct", "aiohttp", "proxy")
+OPTIONS = {"rounds": "alternating rounds [3]", "duration": "seconds per measured run [10]"}
 
 
 def run(ctx: Context) -> Result:
     duration, rounds, warmup = (2, 1, 1) if ctx.quick else (10, 3, 2)
+    rounds = int(ctx.options.get("rounds", rounds))
+    duration = int(ctx.options.get("duration", duration))
     nginx = start_nginx(ctx.procs, ctx.workdir)
     upstream = f"http://127.0.0.1:{nginx}/v1"
     redis = start_redis(ctx.procs, ctx.workdir)
