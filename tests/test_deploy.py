@@ -397,10 +397,10 @@ class TestKubernetes:
         Secret."""
         kinds = sorted(doc["kind"] for doc in _rendered())
         assert kinds == sorted(["ConfigMap", "Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler",
-                                "PodDisruptionBudget", "Service", "Service", "ServiceMonitor"])
+                                "PodDisruptionBudget", "Service", "Service", "Service", "ServiceMonitor"])
         deployments = {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Deployment"}
         assert deployments == {PROXY, COLLECTOR, CONTROLLER}
-        assert {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Service"} == {PROXY, CONTROLLER}
+        assert {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Service"} == {PROXY, CONTROLLER, COLLECTOR}
 
     def test_builtin_kinds_validate_strictly(self) -> None:
         """Every built-in object validates against the Kubernetes schemas, unknown fields refused."""
@@ -519,7 +519,20 @@ class TestKubernetes:
         assert _secret_env(container) == {"REDIS_URL": "REDIS_URL", "ABPROXY_STORE_URL": "ABPROXY_STORE_URL"}
         assert not [e for e in container.get("env", []) if "value" in e], "literal values in the collector's env"
         assert deployment["spec"]["replicas"] == 1
-        assert "ports" not in container  # a consumer: nothing to serve, nothing to probe
+        # A consumer: nothing to serve or probe but its metrics, behind the headless Service the
+        # ServiceMonitor selects as job abproxy-collector (the alert rules' job).
+        args = container["args"]
+        port = int(args[args.index("--metrics-port") + 1])
+        assert [p["name"] for p in container["ports"]] == ["metrics"] and _port(container, "metrics") == port
+        assert "readinessProbe" not in container and "livenessProbe" not in container
+        service = _service(COLLECTOR)
+        assert service["spec"]["clusterIP"] == "None"
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["name"] == "metrics" and _port(container, service_port["targetPort"]) == port
+        assert _matches(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+        assert _matches(_one("ServiceMonitor")["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        rules = (ROOT / "deploy" / "prometheus" / "rules" / "abproxy.rules.yml").read_text()
+        assert f'job="{service["metadata"]["name"]}"' in rules
 
     def test_collector_pods_stay_out_of_the_proxys_objects(self) -> None:
         """Neither the Service, the PDB nor the proxy's selector picks up a collector pod."""

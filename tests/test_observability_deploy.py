@@ -121,15 +121,16 @@ class TestPromtool:
         assert str(RULES) in output and "SUCCESS" in output
 
     def test_scrape_config(self) -> None:
-        """The compose stack scrapes job abproxy at proxy:9091 and job abproxy-controller at controller:9103,
-        every 5 s; the alert rules name both jobs."""
+        """The compose stack scrapes job abproxy at proxy:9091, job abproxy-controller at controller:9103 and
+        job abproxy-collector at collector:9102, every 5 s; the alert rules name each job."""
         jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]}
-        assert set(jobs) == {"abproxy", "abproxy-controller"}
+        assert set(jobs) == {"abproxy", "abproxy-controller", "abproxy-collector"}
         assert all(job["scrape_interval"] == "5s" for job in jobs.values())
         assert jobs["abproxy"]["static_configs"] == [{"targets": ["proxy:9091"]}]
         assert jobs["abproxy-controller"]["static_configs"] == [{"targets": ["controller:9103"]}]
+        assert jobs["abproxy-collector"]["static_configs"] == [{"targets": ["collector:9102"]}]
         exprs = " ".join(rule["expr"] for rule in _rules())
-        assert 'job="abproxy"' in exprs and 'job="abproxy-controller"' in exprs
+        assert all(f'job="{job}"' in exprs for job in jobs)
 
     def test_check_rules(self) -> None:
         """promtool check rules accepts every rule."""
