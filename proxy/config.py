@@ -190,6 +190,9 @@ class ServerConfig(_Strict):
     # Set: /metrics is served on this port only (and 404 on `port`), so scrapes need no
     # route through the public listener. Unset: /metrics on `port`.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # false: no Prometheus metrics at all. /metrics answers 404 and the request path makes no
+    # metric updates (the benchmark of each feature's cost measures it off).
+    prometheus_enabled: bool = True
     # A larger /v1 request body is refused with 413 before it is parsed.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     # /v1 requests in flight at once per process; beyond it a request gets a fast 503, not a queue.
@@ -201,6 +204,8 @@ class ServerConfig(_Strict):
     def _distinct_ports(self) -> ServerConfig:
         if self.metrics_port == self.port:
             raise _KeyProblem("server.metrics_port", f"must differ from server.port ({self.port})")
+        if self.metrics_port is not None and not self.prometheus_enabled:
+            raise _KeyProblem("server.metrics_port", "must be unset when server.prometheus_enabled is false")
         return self
 
 

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -210,6 +211,69 @@ class Metrics:
     def set_rollout_cache(self, connected: bool | None, age_s: float | None) -> None:
         self.redis_connected.set(1 if connected else 0)
         self.rollout_cache_age.set(-1 if age_s is None else age_s)
+
+
+class _Off:
+    """What every collector and label child is when Prometheus is off: each update returns at once."""
+
+    __slots__ = ()
+
+    def labels(self, *_values: str, **_labels: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_OFF = _Off()
+
+
+class NullMetrics(Metrics):
+    """`server.prometheus_enabled: false`: Metrics' interface with nothing behind it.
+
+    Every collector is one shared no-op object, the per-request methods return at once, and
+    nothing is created: no registry entry, no multiprocess file (/metrics answers 404 anyway).
+    Collectors are found by name on first use (`__getattr__`, then a plain attribute), so one
+    added to `Metrics` later is covered here without a change."""
+
+    def __init__(self) -> None:  # Metrics.__init__ is not called: it would create the collectors
+        self.registry = CollectorRegistry()
+        self._children = {}
+        self._in_flight = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        setattr(self, name, _OFF)  # looked up once: from then on an ordinary instance attribute
+        return _OFF
+
+    def in_flight_gauge(self, experiment: str, variant: str, model: str, endpoint: str) -> Gauge:
+        return cast(Gauge, _OFF)
+
+    def observe(
+        self,
+        experiment: str, variant: str, model: str, endpoint: str, stream: bool, code: int,
+        duration_s: float, ttft_s: float | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
+    ) -> None:
+        pass
+
+    def upstream_error(self, experiment: str, variant: str, model: str, reason: str) -> None:
+        pass
+
+    def set_rollout(self, experiment: str, percent: float, changed_at: float | None) -> None:
+        pass
+
+    def set_rollout_cache(self, connected: bool | None, age_s: float | None) -> None:
+        pass
 
 
 def _task_count() -> float:

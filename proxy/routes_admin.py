@@ -305,6 +305,8 @@ async def readyz(request: Request) -> Response:
 @ops.get("/metrics")
 async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
+    if not runtime.settings.server.prometheus_enabled:
+        raise NotFound("metrics are off (server.prometheus_enabled: false)", code="unknown_url")
     if runtime.settings.server.metrics_port is not None:
         raise NotFound(f"metrics are served on port {runtime.settings.server.metrics_port}", code="unknown_url")
     # In a thread: multiprocess mode reads every worker's files, which should not stall the loop.

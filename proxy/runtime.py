@@ -23,7 +23,7 @@ from proxy.events import EventLog, RedisStreamSink, Sink, StdoutSink
 from proxy.experiments import Router
 from proxy.feedback import FeedbackIntake
 from proxy.ids import RequestIds, UserHasher
-from proxy.metrics import Metrics, mark_process_dead, watch_tasks_of
+from proxy.metrics import Metrics, NullMetrics, mark_process_dead, watch_tasks_of
 from proxy.pair_sampling import PairSampler
 from proxy.rollout import RolloutCache, RolloutState, RolloutStore
 from proxy.upstream import UpstreamPool
@@ -39,7 +39,10 @@ class Runtime:
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None, event_sink: BinaryIO | None = None):
         self.settings = settings
         self.router = Router(settings)
-        self.metrics = metrics if metrics is not None else Metrics(process_collector=True)
+        if metrics is None:
+            # server.prometheus_enabled false: a stand-in whose every update returns at once.
+            metrics = Metrics(process_collector=True) if settings.server.prometheus_enabled else NullMetrics()
+        self.metrics = metrics
         self.redis = aioredis.from_url(
             settings.redis_url,
             decode_responses=True,

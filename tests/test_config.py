@@ -372,6 +372,13 @@ class TestMetricsAndEventSettings:
         assert stream.key == "abproxy:events"
         assert stream.maxlen >= 1
 
+    def test_prometheus_enabled_defaults_to_true_and_is_read(self) -> None:
+        """server.prometheus_enabled is true unless the file turns it off."""
+        assert load_settings(EXAMPLE, EXAMPLE_ENV).server.prometheus_enabled is True
+        raw = _local()
+        raw["server"]["prometheus_enabled"] = False
+        assert settings_from_dict(raw, {}).server.prometheus_enabled is False
+
     def test_metrics_port_and_stream_are_read(self) -> None:
         """A distinct metrics_port and a redis_stream section reach the settings as written."""
         raw = _local()
@@ -400,6 +407,15 @@ class TestMetricsAndEventSettings:
             pytest.param(
                 lambda r: r["server"].update(metrics_port=65536),
                 "server.metrics_port", "65535", id="metrics-port-above-range",
+            ),
+            pytest.param(
+                lambda r: r["server"].update(prometheus_enabled=False, metrics_port=9091),
+                "server.metrics_port", "must be unset when server.prometheus_enabled is false",
+                id="metrics-port-with-prometheus-off",
+            ),
+            pytest.param(
+                lambda r: r["server"].update(prometheus_enabled="sometimes"),
+                "server.prometheus_enabled", "boolean", id="prometheus-enabled-not-a-bool",
             ),
             pytest.param(
                 lambda r: r.update(events={"redis_stream": {"enabled": True, "maxlenn": 10}}),
