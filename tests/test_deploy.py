@@ -400,7 +400,8 @@ class TestKubernetes:
                                 "PodDisruptionBudget", "Service", "Service", "Service", "ServiceMonitor"])
         deployments = {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Deployment"}
         assert deployments == {PROXY, COLLECTOR, CONTROLLER}
-        assert {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Service"} == {PROXY, CONTROLLER, COLLECTOR}
+        services = {doc["metadata"]["name"] for doc in _rendered() if doc["kind"] == "Service"}
+        assert services == {PROXY, CONTROLLER, COLLECTOR}
 
     def test_builtin_kinds_validate_strictly(self) -> None:
         """Every built-in object validates against the Kubernetes schemas, unknown fields refused."""
