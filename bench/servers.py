@@ -98,6 +98,19 @@ http {{
     return port
 
 
+def start_stream_upstream(
+    procs: Processes, workdir: Path, *, name: str = "stream-upstream", cpu: str = LOAD_CPU
+) -> tuple[int, Path]:
+    """bench/stream_upstream.py (the SSE upstream of the streaming scenarios) pinned to `cpu`; returns
+    its port and the file its counters go to on SIGUSR1."""
+    port = free_port()
+    stats = workdir / f"{name}-stats.json"
+    argv = [sys.executable, str(BENCH / "stream_upstream.py"), "--port", str(port), "--stats", str(stats)]
+    procs.start(name, argv, cpu=cpu)
+    wait_port(port, procs=procs)
+    return port, stats
+
+
 def start_redis(procs: Processes, workdir: Path) -> int:
     binary = shutil.which("redis-server")
     if binary is None:
