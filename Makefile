@@ -4,6 +4,7 @@
 bench:
 	bash scripts/bootstrap
 	bash bench/install-tools
+	.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 	.venv/bin/python -m bench $(BENCH_ARGS)
 
 test:
