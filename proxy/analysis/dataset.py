@@ -17,8 +17,9 @@ them in either arm would mix the two treatments in one unit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -96,24 +97,7 @@ def _in_window(experiment: str, window: Window) -> list[Any]:
 
 def load(conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float) -> Dataset:
     scope = _in_window(experiment, window)
-    ranked = (
-        sa.select(
-            requests.c.user_hash,
-            requests.c.variant,
-            requests.c.rollout_percent,
-            requests.c.ts,
-            sa.func.row_number()
-            .over(partition_by=requests.c.user_hash, order_by=(requests.c.ts, requests.c.request_id))
-            .label("rn"),
-        )
-        .where(*scope, requests.c.user_hash.is_not(None))
-        .subquery()
-    )
-    first = conn.execute(
-        sa.select(ranked.c.user_hash, ranked.c.variant, ranked.c.rollout_percent, _day(conn, ranked.c.ts, window.since))
-        .where(ranked.c.rn == 1)
-        .order_by(ranked.c.user_hash)
-    ).all()
+    first = _first_exposures(conn, scope, window)
     users = [row[0] for row in first]
     index = {user: i for i, user in enumerate(users)}
     data = Dataset(
@@ -132,6 +116,53 @@ def load(conn: Connection, experiment: str, window: Window, *, regeneration_wind
     _load_user_feedback(conn, data, index, experiment, window)
     _load_latencies(conn, data, index, scope)
     return data
+
+
+def _first_exposures(conn: Connection, scope: list[Any], window: Window) -> list[tuple[str, str, float | None, int]]:
+    """Each identified user's first request in the window: (user hash, variant, rollout percent, day),
+    by user hash as the database orders it; the first is the earliest `ts`, then the lowest request id.
+
+    One hash aggregate, not a window function: the earliest `ts` per (user, variant, rollout percent)
+    is a GROUP BY with min(), which needs no sort of the window's requests (row_number() over users
+    sorted them all, or walked an index in user order with a random read per request: a minute at 10M
+    requests on PostgreSQL). The group holding a user's earliest `ts` is their first exposure: its
+    variant and percent. Only when two groups of one user share that earliest `ts` does the request
+    id decide, and those users' requests at that instant are read to decide it as row_number() did.
+    """
+    r = requests.c
+    groups = conn.execute(
+        sa.select(r.user_hash, r.variant, r.rollout_percent, sa.func.min(r.ts).label("first_ts"),
+                  _day(conn, sa.func.min(r.ts), window.since))
+        .where(*scope, r.user_hash.is_not(None))
+        .group_by(r.user_hash, r.variant, r.rollout_percent)
+        .order_by(r.user_hash)
+    ).all()  # fmt: skip
+    first: dict[str, tuple[str, float | None, int, float]] = {}  # user -> variant, percent, day, ts
+    tied: set[str] = set()
+    for user_hash, variant, percent, ts, day in groups:
+        seen = first.get(user_hash)
+        if seen is None or ts < seen[3]:
+            first[user_hash] = (variant, percent, day, ts)
+            tied.discard(user_hash)
+        elif ts == seen[3]:
+            tied.add(user_hash)
+    ties = sorted(tied)
+    for i in range(0, len(ties), _TIE_CHUNK):
+        chunk = ties[i : i + _TIE_CHUNK]
+        earliest = {user: first[user][3] for user in chunk}
+        rows = conn.execute(
+            sa.select(r.user_hash, r.ts, r.variant, r.rollout_percent)
+            .where(*scope, r.user_hash.in_(chunk))
+            .order_by(r.ts, r.request_id)
+        ).all()  # fmt: skip
+        for user_hash, ts, variant, percent in rows:
+            if earliest.pop(user_hash, None) == ts:  # the user's first row in (ts, request id) order
+                first[user_hash] = (variant, percent, first[user_hash][2], ts)
+    # dicts keep insertion order: the users in the database's user_hash order, as before.
+    return [(user, variant, percent, day) for user, (variant, percent, day, _ts) in first.items()]
+
+
+_TIE_CHUNK = 500
 
 
 def _arm_member(data: Dataset, index: Mapping[str, int]) -> Callable[[str, str], int | None]:
@@ -320,16 +351,45 @@ def _load_user_feedback(
 
 
 def _load_latencies(conn: Connection, data: Dataset, index: Mapping[str, int], scope: list[Any]) -> None:
+    """Every answered request's latency (and TTFT), per variant, crossovers left out.
+
+    The one query whose rows number requests, not users: the latency guardrails' percentiles are
+    exact over all of them (`stats.percentile_bootstrap`). So its rows skip SQLAlchemy's Row objects
+    (the DBAPI cursor's tuples, in C) and Python's per-row loop: each column becomes a numpy array
+    and the crossover test one vectorised comparison. Same rows, same order, same arrays as a loop
+    over them would build, at a fraction of the cost (10M requests: seconds, not tens of seconds).
+    """
     r = requests.c
-    rows = conn.execute(sa.select(r.user_hash, r.variant, r.latency_ms, r.ttft_ms).where(*scope, r.status == 200)).all()
-    member_of = _arm_member(data, index)
-    latency: dict[str, list[float]] = {"control": [], "treatment": []}
-    ttft: dict[str, list[float]] = {"control": [], "treatment": []}
-    for user_hash, variant, latency_ms, ttft_ms in rows:
-        if user_hash is None or member_of(user_hash, variant) is None:
-            continue
-        latency[variant].append(latency_ms)
-        if ttft_ms is not None:
-            ttft[variant].append(ttft_ms)
-    data.latency_ms = {variant: np.array(values, dtype=np.float64) for variant, values in latency.items()}
-    data.ttft_ms = {variant: np.array(values, dtype=np.float64) for variant, values in ttft.items()}
+    # The variant as 1 (treatment), 0 (control) or -1 (neither): compared as integers, not strings.
+    arm = sa.case((r.variant == "treatment", 1), (r.variant == "control", 0), else_=-1)
+    result = conn.execute(sa.select(r.user_hash, arm, r.latency_ms, r.ttft_ms).where(*scope, r.status == 200))
+    cursor = result.cursor
+    chunks: list[Sequence[Any]] = []
+    try:
+        while rows := cursor.fetchmany(_FETCH_ROWS):
+            chunks.append(rows)
+    finally:
+        result.close()
+    rows = [row for chunk in chunks for row in chunk]
+    del chunks
+    # A list per column (zip(*rows) would build a tuple per row: 7x slower on a million rows).
+    hashes, arms, latencies, ttfts = ([row[k] for row in rows] for k in range(4))
+    del rows
+    # Per row only C-level work (map over dict.get, numpy conversions): None becomes -1 (no user,
+    # never a member) or NaN (no value), as the loop it replaces skipped them.
+    user = np.fromiter(map(index.get, hashes, repeat(-1)), np.int64, len(hashes))
+    treated = np.array(arms, dtype=np.int8)
+    known = (user >= 0) & (treated >= 0)
+    member = known.copy()
+    member[known] = data.treatment[user[known]] == (treated[known] == 1)
+    latency = np.array(latencies, dtype=np.float64)
+    ttft = np.array(ttfts, dtype=np.float64)
+    data.latency_ms, data.ttft_ms = {}, {}
+    for variant, flag in (("control", 0), ("treatment", 1)):
+        mine = member & (treated == flag)
+        data.latency_ms[variant] = latency[mine]
+        ttft_mine = ttft[mine]
+        data.ttft_ms[variant] = ttft_mine[~np.isnan(ttft_mine)]
+
+
+_FETCH_ROWS = 100_000

@@ -57,7 +57,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.event_stream import SCHEMA_VERSION, ConsumerGroupReader, RawEntry, decode_entry
-from proxy.store.db import Store, WriteResult, check_event
+from proxy.store.db import Prepared, Store, WriteResult, prepare
 
 log = structlog.get_logger("abproxy")
 
@@ -317,7 +317,7 @@ class Collector:
         return claimed
 
     async def _handle(self, entries: list[RawEntry]) -> None:
-        events: list[dict[str, Any]] = []
+        rows: list[Prepared] = []
         ack: list[str] = []
         malformed = newer = trimmed = 0
         newer_first: str | None = None
@@ -337,13 +337,14 @@ class Collector:
                     continue
                 if entry.schema_version < 1:
                     raise ValueError(f"schema_version {entry.schema_version} is not a version")
-                check_event(entry.event)
+                # Converted and checked once here; the store writes the rows as they are.
+                row = prepare(entry.event)
             except ValueError as exc:
                 malformed += 1
                 log.error("collector_malformed_entry", entry_id=entry_id, error=str(exc)[:500])
                 ack.append(entry_id)
                 continue
-            events.append(entry.event)
+            rows.append(row)
             ack.append(entry_id)
         if newer:
             log.error(
@@ -351,7 +352,7 @@ class Collector:
                 note="left pending for a collector that knows the newer schema",
             )  # fmt: skip
         # The driver is synchronous: the transaction runs in a worker thread, off the event loop.
-        result = await asyncio.to_thread(self.store.write, events) if events else WriteResult()
+        result = await asyncio.to_thread(self.store.write_prepared, rows) if rows else WriteResult()
         await self.reader.ack(ack)  # only now: the batch is committed
         self.processed += len(entries)
         self.stored += result.requests_inserted

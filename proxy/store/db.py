@@ -32,7 +32,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Table, create_engine, event, make_url, text
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    make_url,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
@@ -77,6 +90,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # other's lock instead of failing at once with "database is locked".
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # 64 MiB of page cache (the default is 2 MiB): the requests table's indexes on random keys
+    # (request_id, user and prompt hashes, episode) touch pages all over their B-trees, and a
+    # page read back from the OS on each insert cost the collector more CPU than the insert.
+    # A cache, not a durability setting: every commit is still synced (synchronous=FULL).
+    cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
 
 
@@ -123,64 +141,134 @@ class WriteResult:
     pairs_added: int = 0  # production pairs new to the comparisons table
 
 
+Prepared = tuple[str, dict[str, Any] | None]
+"""An event as `prepare` reads it: ("request" | "feedback" | "pair", its row), or ("skip", None)."""
+
+
+def prepare(event: dict[str, Any]) -> Prepared:
+    """The row `Store.write` stores for this event; raises ValueError if the tables cannot hold it.
+
+    The collector prepares each entry of a batch on its own (a poison entry is one error, acked as
+    malformed), then writes the prepared rows: each event is converted and checked once.
+    """
+    kind = event_kind(event)
+    if kind == "request":
+        row = request_row(event)
+        return ("skip", None) if row is None else ("request", row)
+    if kind == "feedback":
+        return "feedback", feedback_row(event)
+    if kind == "pair":
+        return "pair", pair_row(event)
+    return "skip", None
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         # The two dialects' INSERT constructs share the on_conflict_* API.
         postgres = engine.dialect.name == "postgresql"
         self._insert: Callable[[Table], Any] = postgresql.insert if postgres else sqlite.insert
+        self._bulk: Callable[[Connection, _Bulk, list[dict[str, Any]]], int] = (
+            _bulk_postgresql if postgres else _bulk_sqlite
+        )
 
     def write(self, events: Sequence[dict[str, Any]]) -> WriteResult:
         """Store a batch in one transaction; raises ValueError (before writing) for an unusable event."""
+        return self.write_prepared([prepare(event) for event in events])
+
+    def write_prepared(self, batch: Sequence[Prepared]) -> WriteResult:
+        """Store events already read by `prepare`, in one transaction."""
         result = WriteResult()
         request_rows: dict[str, dict[str, Any]] = {}
         feedback_rows: dict[tuple[str, str], dict[str, Any]] = {}
         pair_rows: dict[str, dict[str, Any]] = {}
         request_events = 0
-        for ev in events:
-            kind = event_kind(ev)
-            if kind == "request":
-                row = request_row(ev)
-                if row is None:
-                    result.skipped += 1
-                    continue
+        for kind, row in batch:
+            if row is None:
+                result.skipped += 1
+            elif kind == "request":
                 request_events += 1
                 request_rows.setdefault(row["request_id"], row)
             elif kind == "feedback":
-                row = feedback_row(ev)
                 key = (row["subject"], row["metric"])
                 kept = feedback_rows.get(key)
                 if kept is None or row["ts"] >= kept["ts"]:
                     feedback_rows[key] = row
             elif kind == "pair":
-                row = pair_row(ev)
                 pair_rows.setdefault(row["content_hash"], row)
             else:
                 result.skipped += 1
         with self.engine.begin() as connection:
             if request_rows:
-                result.requests_inserted = self._insert_requests(connection, list(request_rows.values()))
+                result.requests_inserted = self._bulk(connection, _REQUESTS, list(request_rows.values()))
             if feedback_rows:
-                result.feedback_written = self._upsert_feedback(connection, list(feedback_rows.values()))
+                result.feedback_written = self._bulk(connection, _FEEDBACK, list(feedback_rows.values()))
             if pair_rows:
                 statement = self._insert(comparisons).on_conflict_do_nothing(index_elements=["content_hash"])
                 result.pairs_added = _executemany(connection, statement, list(pair_rows.values()))
         result.requests_duplicate = request_events - result.requests_inserted
         return result
 
-    def _insert_requests(self, connection: Connection, rows: list[dict[str, Any]]) -> int:
-        statement = self._insert(requests).on_conflict_do_nothing(index_elements=["request_id"])
-        return _executemany(connection, statement, rows)
 
-    def _upsert_feedback(self, connection: Connection, rows: list[dict[str, Any]]) -> int:
-        statement = self._insert(feedback)
-        newer = statement.excluded
-        statement = statement.on_conflict_do_update(
-            index_elements=["subject", "metric"],
-            set_={name: newer[name] for name in ("value", "ts", "episode_id", "feedback_id")},
-            where=newer.ts >= feedback.c.ts,
-        )
-        return _executemany(connection, statement, rows)
+@dataclass(frozen=True)
+class _Bulk:
+    """One table's idempotent bulk write: its columns, and what a conflicting row does."""
+
+    table: Table
+    columns: tuple[str, ...]
+    on_conflict: str  # the same clause on both back-ends
+
+    def sqlite(self) -> str:
+        names = ", ".join(self.columns)
+        values = ", ".join(f":{name}" for name in self.columns)
+        return f"INSERT INTO {self.table.name} ({names}) VALUES ({values}) {self.on_conflict}"
+
+    def postgresql(self) -> str:
+        names = ", ".join(self.columns)
+        arrays = ", ".join(f"%b::{_PG_ARRAY[type(self.table.c[name].type)]}[]" for name in self.columns)
+        return f"INSERT INTO {self.table.name} ({names}) SELECT * FROM unnest({arrays}) {self.on_conflict}"
+
+
+# Array element types for unnest: the columns' own types (varchar keeps no length: the column checks it).
+_PG_ARRAY: dict[type, str] = {String: "varchar", Text: "text", Float: "float8", Integer: "int4", Boolean: "bool"}
+_REQUESTS = _Bulk(requests, tuple(requests.c.keys()), "ON CONFLICT (request_id) DO NOTHING")
+_FEEDBACK = _Bulk(
+    feedback,
+    tuple(name for name in feedback.c.keys() if name != "id"),
+    # The later value wins, by the feedback's own ts; an equal ts takes the later write.
+    "ON CONFLICT (subject, metric) DO UPDATE SET value = excluded.value, ts = excluded.ts, "
+    "episode_id = excluded.episode_id, feedback_id = excluded.feedback_id WHERE excluded.ts >= feedback.ts",
+)
+_SQL = {(bulk.table.name, dialect): getattr(bulk, dialect)() for bulk in (_REQUESTS, _FEEDBACK)
+        for dialect in ("sqlite", "postgresql")}  # fmt: skip
+
+
+def _bulk_sqlite(connection: Connection, bulk: _Bulk, rows: list[dict[str, Any]]) -> int:
+    """sqlite3's executemany of one statement, the rows bound by name straight from their dicts.
+
+    Driver-level SQL rather than a compiled INSERT construct: SQLAlchemy's per-row parameter
+    processing cost more than SQLite's insert itself, and these values need none (str, float, int,
+    bool and None bind as they are). Errors still arrive as SQLAlchemy's (the collector retries
+    those). sqlite3 sums the rows each execution changed: a conflicting row skipped by DO NOTHING,
+    or by the DO UPDATE's WHERE, is not counted.
+    """
+    result = connection.exec_driver_sql(_SQL[bulk.table.name, "sqlite"], rows)
+    return max(result.rowcount, 0)
+
+
+def _bulk_postgresql(connection: Connection, bulk: _Bulk, rows: list[dict[str, Any]]) -> int:
+    """ONE statement for the whole batch: INSERT .. SELECT * FROM unnest(<one array per column>).
+
+    A column's values travel as one binary array parameter (%b: psycopg's text array dumper costs
+    ~2 µs an element, the binary one a fifth of that), so the statement
+    has as many parameters as the table has columns whatever the batch size, is prepared once per
+    connection, and PostgreSQL inserts the batch in one execution: several times less client CPU
+    than pipelining one INSERT per row. Its row count is the rows inserted or changed; a conflicting
+    row skipped by DO NOTHING, or by the DO UPDATE's WHERE, is not counted.
+    """
+    columns = tuple([row[name] for row in rows] for name in bulk.columns)
+    result = connection.exec_driver_sql(_SQL[bulk.table.name, "postgresql"], columns)
+    return max(result.rowcount, 0)
 
 
 def _executemany(connection: Connection, statement: Any, rows: list[dict[str, Any]]) -> int:
@@ -197,13 +285,7 @@ def _executemany(connection: Connection, statement: Any, rows: list[dict[str, An
 
 def check_event(event: dict[str, Any]) -> None:
     """Raise ValueError if `Store.write` could not store this event (the collector's poison check)."""
-    kind = event_kind(event)
-    if kind == "request":
-        request_row(event)
-    elif kind == "feedback":
-        feedback_row(event)
-    elif kind == "pair":
-        pair_row(event)
+    prepare(event)
 
 
 def event_kind(event: dict[str, Any]) -> str:
