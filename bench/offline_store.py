@@ -29,7 +29,7 @@ import numpy.typing as npt
 import orjson
 import psycopg
 
-from bench.procs import LOAD_CPU, Processes, free_port, log
+from bench.procs import LOAD_CPU, Processes, free_port, log, proc_stats
 from proxy.assignment import bucket
 from proxy.event_stream import entry_fields
 
@@ -136,16 +136,10 @@ class Postgres:
         exited (which the postmaster reaped: its children's times)."""
         tick = os.sysconf("SC_CLK_TCK")
         total = 0.0
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
+        for pid, fields in proc_stats():
             if int(fields[2]) == self.pid:  # its process group: the postmaster and everything it forked
                 total += int(fields[11]) + int(fields[12])
-                if int(entry.name) == self.pid:
+                if pid == self.pid:
                     total += int(fields[13]) + int(fields[14])
         return total / tick
 

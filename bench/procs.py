@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +123,19 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name) of every live process: field 2 is
+    the process group, 11-14 utime, stime, cutime, cstime in clock ticks."""
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                    members.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return members
+                yield int(entry.name), Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+
+
+def _group_members(pgid: int) -> list[int]:
+    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid]
 
 
 def wait_http(url: str, *, timeout: float = 20.0, procs: Processes | None = None) -> None:
@@ -214,13 +218,7 @@ def own_cpu_seconds() -> dict[str, float]:
         + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime,
     }
     tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+    for _, fields in proc_stats():
         core = _GROUP_CORE.get(int(fields[2]))  # pgrp
         if core is not None:
             own[core] += (int(fields[11]) + int(fields[12])) / tick

@@ -475,3 +475,15 @@ class PrometheusServer(Process):
         data = self.api("query", query=expr)
         assert data["resultType"] == "vector", f"{expr!r} returned a {data['resultType']}"
         return data["result"]  # type: ignore[no-any-return]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`, in a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -22,7 +22,6 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
@@ -34,6 +33,7 @@ from proxy.store.collector import Collector
 from proxy.store.db import Store, engine_for, migrate
 from proxy.store.schema import requests
 from tests.harness import MockUpstream, ProxyServer, RedisServer, proxy_config, wait_until
+from tests.harness import metric_value as _sample
 from tests.test_store import request_event
 
 STREAM_KEY = "abproxy:events"
@@ -41,15 +41,6 @@ STREAM_KEY = "abproxy:events"
 
 def _client(proxy: ProxyServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="client-key", max_retries=0)
-
-
-def _sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def _stream_config(upstreams: tuple[MockUpstream, MockUpstream], **stream: Any) -> dict[str, Any]:

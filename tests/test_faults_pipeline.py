@@ -27,7 +27,6 @@ import httpx
 import pytest
 import redis
 import sqlalchemy as sa
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.store.db import engine_for
@@ -39,6 +38,7 @@ from tests.harness import (
     ProxyServer,
     RedisServer,
     free_port,
+    metric_value,
     proxy_config,
     wait_until,
 )
@@ -98,17 +98,17 @@ class Pipeline:
             text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
         except httpx.HTTPError:
             return default
-        return _sample(text, "abproxy_collector_events_lost_total", reason=reason)
+        return metric_value(text, "abproxy_collector_events_lost_total", reason=reason)
 
     def held(self) -> float:
         """Events on stdout but not (yet) in Redis: what the Redis sink holds for a retry."""
         text = self.proxy.metrics_text()
-        written = {sink: _sample(text, "abproxy_events_total", sink=sink) for sink in ("stdout", "redis")}
+        written = {sink: metric_value(text, "abproxy_events_total", sink=sink) for sink in ("stdout", "redis")}
         return written["stdout"] - written["redis"]
 
     def dropped(self) -> float:
         """Events the proxy's Redis sink dropped, for any reason."""
-        return _sample(self.proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis")
+        return metric_value(self.proxy.metrics_text(), "abproxy_events_dropped_total", sink="redis")
 
     def assert_stored_exactly(self, answered: list[str]) -> None:
         """Every answered request id stored once, and nothing else (waits for the collector to catch up)."""
@@ -137,15 +137,6 @@ def database(postgres_server: PostgresServer) -> Iterator[str]:
     url = postgres_server.create_database(name)
     yield url
     postgres_server.drop_database(name)
-
-
-def _sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 async def _send(client: httpx.AsyncClient, url: str, i: int) -> tuple[int, str | None]:
@@ -331,7 +322,7 @@ def test_collector_down_past_the_streams_bound_counts_what_was_trimmed(
         results = asyncio.run(_load(pipeline.proxy.url, sent, {}))
         answered = {request_id for status, request_id in results if status == 200 and request_id}
         assert len(answered) == sent
-        wait_until(lambda: _sample(pipeline.proxy.metrics_text(), "abproxy_events_total", sink="redis") >= sent,
+        wait_until(lambda: metric_value(pipeline.proxy.metrics_text(), "abproxy_events_total", sink="redis") >= sent,
                    timeout=30, what="every event in the stream")  # fmt: skip
         client = redis.Redis.from_url(redis_url)
         kept = client.xlen(KEY)
