@@ -75,7 +75,7 @@ async def show_plan(settings: Settings, experiment: str, *, dry_run: bool, limit
     import redis.asyncio as aioredis
 
     from proxy.controller.controller import Controller
-    from proxy.controller.gates import span
+    from proxy.controller.evidence import span
     from proxy.errors import StateUnavailable
 
     plan = settings.experiments[experiment].rollout_plan

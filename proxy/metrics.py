@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +39,9 @@ from prometheus_client import (
 
 # LLM calls range from tens of ms (embeddings, cached) to minutes (long generations).
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+# A collection of the young generation takes well under a millisecond; a full one over a large
+# heap tens to hundreds (every open stream waits it out).
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 ARM = ("experiment", "variant", "model")
@@ -157,8 +163,30 @@ class Metrics:
             "abproxy_events_dropped", "Per-request events lost, by sink and reason (buffer_full, sink_error).",
             ["sink", "reason"], registry=r,
         )
+        self.gc_pause = Histogram(
+            "abproxy_gc_pause_seconds",
+            "Pauses of CPython's cyclic garbage collector in this process, by generation (0 young, 2 full): "
+            "every request and stream of the process waits them out.",
+            ["generation"], buckets=GC_PAUSE_BUCKETS, registry=r,
+        )
         self._children: dict[tuple[str, str, str, str, bool, int], _Children] = {}
         self._in_flight: dict[tuple[str, str, str, str], Gauge] = {}
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every collection of this process into abproxy_gc_pause_seconds; returns the undo.
+
+        gc.callbacks run only when a collection does, so this costs nothing per request."""
+        pauses = [self.gc_pause.labels(str(generation)) for generation in range(3)]
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                pauses[info["generation"]].observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
+        return lambda: gc.callbacks.remove(on_gc)
 
     def in_flight_gauge(self, experiment: str, variant: str, model: str, endpoint: str) -> Gauge:
         key = (experiment, variant, model, endpoint)
@@ -258,6 +286,9 @@ class NullMetrics(Metrics):
 
     def in_flight_gauge(self, experiment: str, variant: str, model: str, endpoint: str) -> Gauge:
         return cast(Gauge, _OFF)
+
+    def watch_gc(self) -> Callable[[], None]:
+        return lambda: None
 
     def observe(
         self,

@@ -16,8 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proxy.analysis.render import to_json
-from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
 from proxy.config import validate_percent
 from proxy.controller.overrides import OVERRIDES, OverrideRefused, override
 from proxy.controller.state import DecisionRecord, PlanState, PlanStore
@@ -271,15 +269,22 @@ async def get_report(
     """The same report as `abproxy report NAME --format json`, from the analysis store."""
     runtime = _runtime(request)
     _experiment(runtime, name)
-    now = time.time()
+    return await asyncio.to_thread(_report_json, runtime, name, since, until, time.time())
+
+
+def _report_json(runtime: Runtime, name: str, since: str | None, until: str | None, now: float) -> dict[str, Any]:
+    """Runs in a worker thread, imports included: the analysis stack (scipy, statsmodels, pandas)
+    is ~1 s of imports and ~100 MiB that a serving process only needs once someone asks for a
+    report, and importing it on the event loop would stall every open stream meanwhile."""
+    from proxy.analysis.render import to_json
+    from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
+
     try:
         start, end = parse_bounds(since, until, now)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":")[0], code="invalid_time") from None
     try:
-        report = await asyncio.to_thread(
-            report_from_store, runtime.store_engine(), runtime.settings, name, since=start, until=end, now=now
-        )
+        report = report_from_store(runtime.store_engine(), runtime.settings, name, since=start, until=end, now=now)
     except StoreNotReady as exc:
         raise StateUnavailable(str(exc), code="store_unavailable") from None
     return to_json(report)

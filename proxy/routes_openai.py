@@ -99,7 +99,10 @@ class Exchange:
     headers: tuple[tuple[bytes, bytes], ...]  # x-request-id, x-abproxy-experiment, x-abproxy-variant
     client_request_id: str | None
     rollout_percent: float
-    prompt: Any  # messages / prompt / input as sent: fingerprinted (and stored if the experiment says so)
+    # A keyed fingerprint of messages / prompt / input, taken when the request arrives, so the
+    # parsed body is not kept alive for a whole stream only to be hashed at its end.
+    prompt_hash: str | None
+    prompt: Any  # messages / prompt / input as sent, kept only where the experiment stores prompts
     status: int = 0
     ttft_s: float | None = None
     prompt_tokens: int = 0
@@ -207,6 +210,7 @@ class OpenAIHandler:
         percent = self.rollout.states[experiment.name].percent
         arm = experiment.arm(variant)
         endpoint, can_stream = route
+        prompt = body.get(PROMPT_FIELD[endpoint])
         body["model"] = arm.upstream_model
         stream = can_stream and body.get("stream") is True
         client_wants_usage = True
@@ -225,7 +229,8 @@ class OpenAIHandler:
             ),
             headers.client_request_id,
             percent,
-            body.get(PROMPT_FIELD[endpoint]),
+            self._prompt_hash(user_id, prompt),
+            prompt if experiment.store_prompts else None,
         )
         if endpoint != "embeddings" and self.pairs.wants(experiment):
             ex.pair_body = body
@@ -239,6 +244,7 @@ class OpenAIHandler:
                 raise Overloaded(f"the proxy has {self.max_in_flight} requests in flight; retry shortly",
                                  retry_after_s=1)  # fmt: skip
             answer = await self._forward(ex, path[3:], body, headers.forward)
+            del body, prompt  # sent: not held for the length of a stream (pair sampling keeps its own reference)
             if isinstance(answer, aiohttp.ClientResponse):
                 ex.status = 200
                 if not ex.fallback:  # after a fallback, upstream_status and error stay the treatment's failure
@@ -402,7 +408,6 @@ class OpenAIHandler:
         if ex.error is not None:
             self.metrics.upstream_error(experiment, arm.variant, arm.upstream_model, ex.error)
         now = time.time()
-        identified = ex.user_id is not None
         event: dict[str, Any] = {
             "ts": now,
             "time": datetime.fromtimestamp(now, UTC),
@@ -426,9 +431,7 @@ class OpenAIHandler:
             "prompt_tokens": ex.prompt_tokens,
             "completion_tokens": ex.completion_tokens,
             "cost_usd": cost,
-            # Regeneration is the same user sending the same prompt again: a keyed
-            # fingerprint of it is enough, and reveals nothing of the text.
-            "prompt_hash": self.hash_user.prompt(orjson.dumps(ex.prompt)) if identified and ex.prompt else None,
+            "prompt_hash": ex.prompt_hash,
             "client_request_id": ex.client_request_id,
             "retries": ex.retries,
             "fallback": ex.fallback,
@@ -438,8 +441,14 @@ class OpenAIHandler:
             event["completion"] = ex.completion
         self.events.emit(event)
         if ex.pair_body is not None and ex.status == 200 and ex.completion:
-            self.pairs.submit(ex.experiment, arm, ex.request_id, ENDPOINT_PATH[ex.endpoint], ex.pair_body,
-                              ex.completion)
+            self.pairs.submit(
+                ex.experiment, arm, ex.request_id, ENDPOINT_PATH[ex.endpoint], ex.pair_body, ex.completion
+            )
+
+    def _prompt_hash(self, user_id: str | None, prompt: Any) -> str | None:
+        # Regeneration is the same user sending the same prompt again: a keyed fingerprint of
+        # it is enough, and reveals nothing of the text.
+        return self.hash_user.prompt(orjson.dumps(prompt)) if user_id is not None and prompt else None
 
     def _emit_rejected(self, request_id: str, path: str, exc: ProxyError, started: float) -> None:
         now = time.time()
@@ -635,9 +644,7 @@ async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap:
     await send({"type": "http.response.body", "body": tap.finish(), "more_body": False})
 
 
-def _response_headers(
-    raw_headers: RawHeaders, ours: tuple[tuple[bytes, bytes], ...]
-) -> list[tuple[bytes, bytes]]:
+def _response_headers(raw_headers: RawHeaders, ours: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
     headers = list(ours)
     for name, value in raw_headers:
         lower = name.lower()
@@ -666,9 +673,7 @@ async def _send_json(
     await send({"type": "http.response.body", "body": payload})
 
 
-async def _send_error(
-    send: Send, exc: ProxyError, request_id: str, extra: tuple[tuple[bytes, bytes], ...]
-) -> None:
+async def _send_error(send: Send, exc: ProxyError, request_id: str, extra: tuple[tuple[bytes, bytes], ...]) -> None:
     await _send_json(send, exc.status_code, exc.to_json(), request_id, extra)
 
 

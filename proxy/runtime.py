@@ -43,12 +43,17 @@ class Runtime:
             # server.prometheus_enabled false: a stand-in whose every update returns at once.
             metrics = Metrics(process_collector=True) if settings.server.prometheus_enabled else NullMetrics()
         self.metrics = metrics
-        self.redis = aioredis.from_url(
+        # A blocking pool: redis-py's default pool refuses outright ("Too many connections") past
+        # 100 commands in flight, which turned a burst of feedback posts into instant 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=settings.rollout.redis_max_connections,
+            timeout=settings.rollout.redis_timeout_s,
             decode_responses=True,
             socket_timeout=settings.rollout.redis_timeout_s,
             socket_connect_timeout=settings.rollout.redis_timeout_s,
         )
+        self.redis = aioredis.Redis.from_pool(pool)  # closed with the client
         defaults = self.router.defaults()
         self.store = RolloutStore(self.redis, defaults)
         self.rollout = RolloutCache(

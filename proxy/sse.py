@@ -61,12 +61,7 @@ class UsageTap:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
-        if (
-            not self._capture
-            and b'"usage"' not in complete
-            and b'"error"' not in complete
-            and not _has_finish(complete)
-        ):
+        if not self._capture and not _has_usage(complete) and b'"error"' not in complete and not _has_finish(complete):
             return complete
         kept = [event for event in complete[:-2].split(b"\n\n") if self._keep(event)]
         return b"".join(event + b"\n\n" for event in kept)
@@ -81,12 +76,7 @@ class UsageTap:
         return "".join(self._parts) if self._capture else None
 
     def _keep(self, event: bytes) -> bool:
-        if (
-            not self._capture
-            and (b'"usage"' not in event or any(n in event for n in _NULL_USAGE))
-            and b'"error"' not in event
-            and not _has_finish(event)
-        ):
+        if not self._capture and not _has_usage(event) and b'"error"' not in event and not _has_finish(event):
             return True
         payload = _data_of(event)
         if payload is None:
@@ -111,6 +101,14 @@ class UsageTap:
             self.usage = usage
             return not (self._drop and obj.get("choices") == [])
         return True
+
+
+def _has_usage(data: bytes) -> bool:
+    """A `usage` that is not null. The proxy asks every stream for usage, so each chunk carries
+    `"usage":null` and only the last a real one: counting keeps the common chunk on the fast
+    path (three scans in C) instead of splitting and parsing it (~7 us against ~2 us a chunk)."""
+    named = data.count(b'"usage"')
+    return named > 0 and named > data.count(_NULL_USAGE[0]) + data.count(_NULL_USAGE[1])
 
 
 def _has_finish(data: bytes) -> bool:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from proxy.controller.decide import decide
-from proxy.controller.gates import GateResult, PhaseEvidence
+from proxy.controller.evidence import GateResult, PhaseEvidence
 from proxy.controller.plan import GateConfig, OnFail, PhaseConfig
 from proxy.controller.state import PlanState, Status
 

@@ -324,6 +324,29 @@ class TestBurst:
             postgres_server.drop_schema(schema)
 
 
+    def test_more_posts_at_once_than_redis_connections_all_accepted(
+        self, proxy: ProxyServer, client: openai.OpenAI, stream: redis.Redis
+    ) -> None:
+        """300 posts in flight together, past the 100 connections redis-py's default pool allows:
+        each waits for a free connection (rollout.redis_max_connections, up to redis_timeout_s)
+        instead of a 503 "Too many connections" (bench scenario 7 found 581 such at 128 clients)."""
+        request_id = _ask(client, "wide-burst")
+        wide = 300
+
+        async def burst() -> list[int]:
+            limits = httpx.Limits(max_connections=wide, max_keepalive_connections=wide)
+            async with httpx.AsyncClient(base_url=proxy.url, timeout=30, limits=limits) as http:
+                answers = await asyncio.gather(*(
+                    http.post("/v1/feedback", json={"request_id": request_id, "metric": "csat", "value": 1 + i % 5})
+                    for i in range(wide)
+                ))  # fmt: skip
+            return [answer.status_code for answer in answers]
+
+        statuses = asyncio.run(burst())
+        assert statuses == [202] * wide, {status: statuses.count(status) for status in set(statuses)}
+        assert len(_feedback_on_stream(stream)) == wide
+
+
 # -- duplicates ------------------------------------------------------------------------------
 class TestDuplicates:
     def test_same_feedback_twice_is_one_value(

@@ -9,6 +9,7 @@ the per-process files in the multiprocess directory.
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import time
@@ -23,11 +24,12 @@ import httpx
 import openai
 import pytest
 import redis
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.metrics import Metrics
 from tests.harness import MockUpstream, ProxyServer, RedisServer, eventually, free_port, proxy_config, wait_until
 
 EXPERIMENT = "sales-companion"
@@ -274,6 +276,30 @@ class TestContract:
             assert marker not in text
 
         eventually(check)
+
+
+class TestGcPauses:
+    def test_every_collection_is_timed_by_generation_until_undone(self) -> None:
+        """watch_gc observes each collection of the process under its generation; the undo stops it."""
+        metrics = Metrics(CollectorRegistry())
+        unwatch = metrics.watch_gc()
+        try:
+            gc.collect(0)
+            gc.collect(2)
+            gc.collect(2)
+        finally:
+            unwatch()
+        gc.collect(2)  # after the undo: not counted
+        samples = _parse(generate_latest(metrics.registry).decode())
+        counts = {g: _value(samples, "abproxy_gc_pause_seconds_count", generation=g) for g in ("0", "1", "2")}
+        assert counts["2"] == 2 and counts["1"] == 0 and counts["0"] >= 1  # a young one may also run by itself
+        assert _value(samples, "abproxy_gc_pause_seconds_sum", generation="2") > 0
+
+    def test_serving_process_exports_its_pauses(self, http: httpx.Client, proxy: ProxyServer) -> None:
+        """The serving process measures its collector from start-up: one series per generation."""
+        samples = _metrics(http, proxy)
+        for generation in ("0", "1", "2"):
+            assert ("abproxy_gc_pause_seconds_count", frozenset({("generation", generation)})) in samples
 
 
 class TestInFlight:

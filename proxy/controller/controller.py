@@ -31,7 +31,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.config import Settings
 from proxy.controller.decide import Decision, decide
-from proxy.controller.gates import PhaseEvidence, evaluate_phase
+from proxy.controller.evidence import PhaseEvidence
+from proxy.controller.gates import evaluate_phase
 from proxy.controller.lock import ControllerLock, new_owner_id
 from proxy.controller.plan import PhaseConfig
 from proxy.controller.state import STATUSES, Conflict, LostLock, PlanState, PlanStore

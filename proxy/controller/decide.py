@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.controller.gates import GateResult, PhaseEvidence, span
+from proxy.controller.evidence import GateResult, PhaseEvidence, span
 from proxy.controller.plan import PhaseConfig
 from proxy.controller.state import PlanState, Status, Transition
 

@@ -16,9 +16,7 @@ phase's rate so far, so an interval h wide that must shrink to a distance d need
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 from sqlalchemy import Engine
 
@@ -26,42 +24,8 @@ from proxy.analysis import stats
 from proxy.analysis.dataset import Dataset, Window, load
 from proxy.analysis.report import compare_metric, guardrail
 from proxy.config import GuardrailConfig, Settings
-from proxy.controller.plan import GateConfig, OnFail, PhaseConfig
-
-GateStatus = Literal["pass", "wait", "fail"]
-
-
-@dataclass(frozen=True, slots=True)
-class GateResult:
-    gate: str  # guardrail:error_rate, metric:csat, min_duration, ...
-    status: GateStatus
-    detail: str  # one line, with the figures
-    on_fail: OnFail = "rollback"
-    eta_s: float | None = None  # when waiting: roughly how long until it can decide
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class PhaseEvidence:
-    users: tuple[int, int]  # control, treatment, first exposed in the window
-    srm_p: float
-    srm_mismatch: bool
-    srm_detail: str
-    gates: list[GateResult]
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able: what the audit entry and the decision record carry."""
-        return {
-            "users": {"control": self.users[0], "treatment": self.users[1]},
-            "srm": {"p_value": _finite(self.srm_p), "mismatch": self.srm_mismatch, "detail": self.srm_detail},
-            "gates": [{"gate": g.gate, "status": g.status, "detail": g.detail, "on_fail": g.on_fail,
-                       "eta_s": _finite(g.eta_s), "figures": {k: _finite(v) for k, v in g.figures.items()}}
-                      for g in self.gates],
-        }  # fmt: skip
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+from proxy.controller.evidence import GateResult, PhaseEvidence, duration_text
+from proxy.controller.plan import GateConfig, PhaseConfig
 
 
 def evaluate_phase(
@@ -99,10 +63,11 @@ def _eta(window_s: float, half_width: float, distance: float) -> float | None:
 
 
 def _min_duration(phase: PhaseConfig, elapsed_s: float) -> GateResult:
+    elapsed, needed = duration_text(elapsed_s), duration_text(phase.min_duration)
     if elapsed_s >= phase.min_duration:
-        return GateResult("min_duration", "pass", f"{_span(elapsed_s)} in phase (min {_span(phase.min_duration)})")
+        return GateResult("min_duration", "pass", f"{elapsed} in phase (min {needed})")
     left = phase.min_duration - elapsed_s
-    return GateResult("min_duration", "wait", f"{_span(elapsed_s)} of {_span(phase.min_duration)} in phase",
+    return GateResult("min_duration", "wait", f"{elapsed} of {needed} in phase",
                       eta_s=left, figures={"elapsed_s": elapsed_s, "min_duration_s": phase.min_duration})  # fmt: skip
 
 
@@ -235,18 +200,3 @@ def _offline_eval(engine: Engine, settings: Settings, experiment: str, gate: Gat
     if comparison.verdict in ("worse", "mixed"):
         return GateResult(gate.label, "fail", f"regressed: {detail}", gate.failure_action, figures=figures)
     return GateResult(gate.label, "pass", detail, gate.failure_action, figures=figures)
-
-
-def _span(seconds: float) -> str:
-    """7d 2h, 3h 5m, 40s: how long, as a person reads it."""
-    if seconds >= 86400:
-        return f"{int(seconds // 86400)}d {int(seconds % 86400 // 3600)}h"
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60)}m"
-    if seconds >= 60:
-        return f"{int(seconds // 60)}m {int(seconds % 60)}s"
-    return f"{seconds:.0f}s"
-
-
-def span(seconds: float | None) -> str:
-    return "unknown" if seconds is None else _span(seconds)
