@@ -9,6 +9,8 @@ and differs only in what serves `/v1/chat/completions`:
     raw_asgi       a raw ASGI callable, no framework
     fastapi_route  a FastAPI route
     aiohttp_app    aiohttp's own server, no ASGI (the suite's "bare aiohttp forwarder")
+    stream_relay   a raw ASGI callable relaying each upstream read as it comes (scenario 2's
+                   "bare relay": what one Python hop costs a stream before any feature)
 
 They are uvicorn factories: `uvicorn --factory --app-dir bench forwarders_ref:reference`.
 The upstream base URL comes from BENCH_UPSTREAM (e.g. http://127.0.0.1:9000/v1).
@@ -145,6 +147,32 @@ async def _lifespan(fwd: _Forwarder, receive: Receive, send: Send) -> None:
                 await fwd.session.close()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def stream_relay() -> Any:
+    """Raw ASGI + aiohttp, streaming: the request rewritten as above, then every chunk the upstream
+    sends passed on as it is read (`iter_any`), with nothing parsed or counted on the way."""
+    fwd = _Forwarder()
+    sse = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(fwd, receive, send)
+            return
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        assert fwd.session is not None
+        async with fwd.session.post(fwd.url, data=_rewrite(b"".join(parts)), headers=UPSTREAM_HEADERS) as response:
+            await send({"type": "http.response.start", "status": response.status, "headers": sse})
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return app
 
 
 def aiohttp_app() -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import LOAD_CPU, REPO, SUT_CPU, Processes, free_port, http, wait_http, wait_port
 
@@ -264,6 +265,44 @@ def proxy_counts(port: int) -> dict[str, float]:
             key = f"{variant.group(1) if variant else '?'}:{code.group(1) if code else '?'}"
             counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def gc_pauses(port: int) -> dict[str, dict[str, float]]:
+    """The proxy's own record of its garbage-collector pauses (abproxy_gc_pause_seconds), per
+    generation: count, total seconds, and the smallest bucket bound that holds every pause."""
+    _, _, body = http("GET", f"http://127.0.0.1:{port}/metrics")
+    samples = [
+        sample
+        for family in text_string_to_metric_families(body.decode())
+        if family.name == "abproxy_gc_pause_seconds"
+        for sample in family.samples
+    ]
+    found = {
+        s.labels["generation"]: {"count": s.value, "sum_s": 0.0, "max_le_s": 0.0}
+        for s in samples if s.name.endswith("_count")
+    }  # fmt: skip
+    for sample in samples:
+        mine = found[sample.labels["generation"]]
+        if sample.name.endswith("_sum"):
+            mine["sum_s"] = sample.value
+        elif sample.name.endswith("_bucket") and sample.value >= mine["count"]:
+            bound = float(sample.labels["le"])
+            mine["max_le_s"] = bound if not mine["max_le_s"] else min(mine["max_le_s"], bound)
+    return found
+
+
+def gc_note(port: int) -> str:
+    """One line for a report: the proxy's full and young collections so far, and their pauses."""
+    pauses = gc_pauses(port)
+    none = {"count": 0.0, "sum_s": 0.0, "max_le_s": 0.0}
+    full, young = pauses.get("2", none), pauses.get("0", none)
+    tail = f"{young['count']:.0f} young ones, {young['sum_s'] * 1000:.0f} ms in all (abproxy_gc_pause_seconds)"
+    if not full["count"]:
+        return f"the proxy ran no full garbage collection after start-up; {tail}"
+    return (
+        f"the proxy ran {full['count']:.0f} full garbage collections after start-up, {full['sum_s'] * 1000:.0f} ms "
+        f"in all, none longer than {full['max_le_s'] * 1000:g} ms; {tail}"
+    )
 
 
 def versions() -> dict[str, str]:

@@ -184,7 +184,7 @@ def install_error_handlers(api: FastAPI) -> None:
 
 
 # gc.set_threshold(young, middle, old) for a serving process: see _freeze_startup_heap.
-GC_THRESHOLDS = (50_000, 20, 10)
+GC_THRESHOLDS = (10_000, 20, 10)
 
 
 def _freeze_startup_heap() -> None:

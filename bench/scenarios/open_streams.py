@@ -26,7 +26,7 @@ import numpy as np
 from bench.core import SUT_CPU, Context, Result, Table, Target, fmt_int, fmt_ms
 from bench.procs import CoreLoad, cpu_seconds, log, raise_fd_limit
 from bench.scenarios.streaming import CONTENDED, Shape, pct, run_client, upstream_stats
-from bench.servers import start_proxy, start_redis, start_stream_upstream
+from bench.servers import gc_note, start_proxy, start_redis, start_stream_upstream
 
 NAME = "open_streams"
 TITLE = "3. Open streams: 5,000 concurrent slow streams on one worker"
@@ -166,6 +166,7 @@ def run(ctx: Context) -> Result:
         run_phase(ctx, "proxy", proxy_port, shape, pids),
     ]
     result = Result(NAME, TITLE, errors=sum(p.errors for p in phases))
+    result.notes.append(gc_note(proxy_port))
     stats = upstream_stats(pids["upstream"], up_stats)
     unread = [p.target for p in phases if not p.read_ok]
     if unread:

@@ -31,9 +31,15 @@ import numpy.typing as npt
 
 from bench.core import BENCH, LOAD_CPU, SUT_CPU, Context, Result, Table, Target, fmt_int, fmt_ms
 from bench.procs import CoreLoad, cpu_seconds, log
-from bench.servers import proxy_counts, start_proxy, start_redis, start_stream_upstream
+from bench.servers import gc_note, proxy_counts, start_proxy, start_redis, start_ref, start_stream_upstream
 from bench.stream_client import Run, load
 
+TARGETS = ("direct", "relay", "proxy")
+# What the "relay" path is: the least a Python hop can do to a stream on the proxy's stack.
+RELAY = (
+    "bench/forwarders_ref.py stream_relay, a raw ASGI app on uvicorn that rewrites `model` and passes each "
+    "upstream read on as it comes through one aiohttp session: no routing state, metrics, usage or events"
+)
 NAME = "streaming"
 TITLE = "2. Streaming: added time to first token and between tokens"
 OPTIONS = {"rounds": "alternating rounds, direct then proxy [2]"}
@@ -222,10 +228,10 @@ def measure(ctx: Context, shape: Shape, target: str, round_: int, port: int, pid
     timeout = shape.stagger_s + shape.streams_per_user * shape.lifetime_s * 3 + 30
     ctx.procs.check_alive()
     load_gauge = CoreLoad()
-    server0 = cpu_seconds(pids["proxy"]) if target == "proxy" else 0.0
+    server0 = cpu_seconds(pids[target]) if target in pids else 0.0
     upstream0 = cpu_seconds(pids["upstream"])
     run = run_client(ctx, name, port, shape, timeout_s=timeout)
-    server = cpu_seconds(pids["proxy"]) - server0 if target == "proxy" else 0.0
+    server = cpu_seconds(pids[target]) - server0 if target in pids else 0.0
     upstream = cpu_seconds(pids["upstream"]) - upstream0
     other = load_gauge.other()
     figures = analyse(run, shape)
@@ -247,6 +253,17 @@ def measure(ctx: Context, shape: Shape, target: str, round_: int, port: int, pid
     return sample
 
 
+def written_events(path: Path, expected: int, wait_s: float = 3.0) -> int:
+    """Lines in the proxy's event file, read again until `expected` or `wait_s` passed: the proxy
+    writes its events every 100 ms, so the last streams' may still be on their way."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        written = sum(1 for _ in path.open("rb"))
+        if written >= expected or time.monotonic() > deadline:
+            return written
+        time.sleep(0.2)
+
+
 # -- the scenario -----------------------------------------------------------------------------
 def run(ctx: Context) -> Result:
     shapes = QUICK if ctx.quick else FULL
@@ -254,8 +271,9 @@ def run(ctx: Context) -> Result:
     up_port, up_stats = start_stream_upstream(ctx.procs, ctx.workdir)
     redis = start_redis(ctx.procs, ctx.workdir)
     proxy_port, events = start_proxy(ctx.procs, ctx.workdir, f"http://127.0.0.1:{up_port}/v1", redis)
-    pids = {"proxy": ctx.procs.pid("proxy"), "upstream": ctx.procs.pid("stream-upstream")}
-    ports = {"direct": up_port, "proxy": proxy_port}
+    relay_port = start_ref(ctx.procs, "relay", "stream_relay", f"http://127.0.0.1:{up_port}/v1")
+    pids = {name: ctx.procs.pid(name) for name in ("proxy", "relay")} | {"upstream": ctx.procs.pid("stream-upstream")}
+    ports = {"direct": up_port, "relay": relay_port, "proxy": proxy_port}
 
     # Warm-up and sanity: 200 short streams through the proxy, all clean, both arms used.
     warm = run_client(ctx, "client-warmup", proxy_port, Shape(100, 20, 5, 2, 0.2), timeout_s=60)
@@ -264,11 +282,14 @@ def run(ctx: Context) -> Result:
             ("control", "treatment")}  # fmt: skip
     if warm.errors or min(arms.values()) < 40:
         raise RuntimeError(f"warm-up through the proxy: errors {warm.error_counts()}, streams per arm {arms}")
+    warm = run_client(ctx, "client-warmup-relay", relay_port, Shape(100, 20, 5, 2, 0.2), timeout_s=60)
+    if warm.errors:
+        raise RuntimeError(f"warm-up through the bare relay: errors {warm.error_counts()}")
 
     samples: list[Sample] = []
     for shape in shapes:
         for round_ in range(1, rounds + 1):
-            for target in ("direct", "proxy"):
+            for target in TARGETS:
                 samples.append(measure(ctx, shape, target, round_, ports[target], pids))
 
     result = Result(NAME, TITLE, errors=sum(s.errors for s in samples))
@@ -276,14 +297,16 @@ def run(ctx: Context) -> Result:
     if stats["cancelled"]:
         result.errors += stats["cancelled"]
         result.notes.append(f"the upstream saw {stats['cancelled']} streams cancelled by their reader")
-    events_written = sum(1 for _ in events.open("rb"))
+    result.notes.append(gc_note(proxy_port))
     through_proxy = 200 + sum(
         s.shape.users * s.shape.streams_per_user + s.shape.probes for s in samples if s.target == "proxy"
     )
+    events_written = written_events(events, through_proxy)
     if events_written != through_proxy:
         result.notes.append(f"the proxy wrote {events_written} events for {through_proxy} streams")
 
     added: dict[int, dict[str, float]] = {}
+    relay_added: dict[int, dict[str, float]] = {}
     for shape in shapes:
         mine = [s for s in samples if s.shape == shape]
         rows = []
@@ -291,11 +314,11 @@ def run(ctx: Context) -> Result:
         def med(target: str, get: Callable[[Sample], float], mine: list[Sample] = mine) -> float:
             return statistics.median(get(s) for s in mine if s.target == target)
 
-        def diff(get: Callable[[Sample], float], mine: list[Sample] = mine) -> float:
-            """proxy - direct per round, then the median over rounds."""
+        def diff(get: Callable[[Sample], float], target: str = "proxy", mine: list[Sample] = mine) -> float:
+            """target - direct per round, then the median over rounds."""
             return statistics.median(
                 get(p) - get(d)
-                for p in mine if p.target == "proxy"
+                for p in mine if p.target == target
                 for d in mine if d.target == "direct" and d.round == p.round
             )  # fmt: skip
 
@@ -307,7 +330,7 @@ def run(ctx: Context) -> Result:
             ("chunk delay p99.9", lambda s: s.delay_ms["p99.9"]),
             ("gap p99", lambda s: s.gap_ms["p99"]),
         ]
-        for target in ("direct", "proxy"):
+        for target in TARGETS:
             rows.append([
                 target, *(fmt_ms(med(target, get)) for _, get in columns),
                 fmt_int(med(target, lambda s: s.chunk_rate)),
@@ -315,6 +338,9 @@ def run(ctx: Context) -> Result:
                 str(sum(s.errors for s in mine if s.target == target)),
             ])  # fmt: skip
         added[shape.users] = {label: diff(get) for label, get in columns}
+        relay_added[shape.users] = {label: diff(get, "relay") for label, get in columns}
+        rows.append(["added (relay − direct): the floor", *(f"{relay_added[shape.users][label]:+.3f}"
+                     for label, _ in columns), "", "", ""])  # fmt: skip
         rows.append(["added (proxy − direct)", *(f"{added[shape.users][label]:+.3f}" for label, _ in columns),
                      "", "", ""])  # fmt: skip
         per_chunk = med("proxy", lambda s: s.cpu_us_per_chunk)
@@ -322,7 +348,7 @@ def run(ctx: Context) -> Result:
         result.tables.append(Table(
             f"{shape.users:,} concurrent streams of {shape.tokens} tokens, a chunk every {shape.interval_ms:g} ms "
             f"({shape.rate:,.0f} chunks/s offered; median of {rounds} round{'s' * (rounds > 1)})",
-            ["path", *(f"{label} ms" for label, _ in columns), "chunks/s relayed", "proxy CPU µs/chunk",
+            ["path", *(f"{label} ms" for label, _ in columns), "chunks/s relayed", "server CPU µs/chunk",
              "errors"],
             rows,
             note=(
@@ -330,26 +356,29 @@ def run(ctx: Context) -> Result:
                 f"({shape.probe_tokens} tokens) started one by one while all {shape.users:,} were open; chunk delay: "
                 f"receive time − the upstream's emit time of each chunk emitted then ({counted[1]:,.0f} chunks over "
                 f"{med('proxy', lambda s: s.window_s):.1f} s); gap: time between two chunks at the client minus at the "
-                f"upstream. Proxy CPU per chunk: its whole CPU time over the run (requests included) / chunks "
-                f"relayed, i.e. about {1e6 / per_chunk:,.0f} chunks/s per core if nothing else ran."
+                f"upstream. Server CPU per chunk: its whole CPU time over the run (requests included) / chunks "
+                f"relayed, i.e. about {1e6 / per_chunk:,.0f} chunks/s per core for the proxy if nothing else ran. "
+                f"Relay: {RELAY}."
             ),
         ))  # fmt: skip
     result.tables.append(Table(
         "Load side and noise (per run)",
-        ["streams", "path", "round", "proxy CPU", "client CPU", "upstream CPU", "other jobs core 0",
+        ["streams", "path", "round", "server CPU", "client CPU", "upstream CPU", "other jobs core 0",
          "other jobs core 1"],
         [[fmt_int(s.shape.users), s.target, str(s.round),
           "-" if s.target == "direct" else f"{s.server_cpu_s / s.wall_s:.0%}", f"{s.client_cpu_s / s.wall_s:.0%}",
           f"{s.upstream_cpu_s / s.wall_s:.0%}", f"{s.other_load.get(SUT_CPU, 0):.0%}",
           f"{s.other_load.get(LOAD_CPU, 0):.0%}"]
          for s in samples],
-        note="The proxy has core 0, client and upstream share core 1; CPU as a share of one core over the run. "
+        note="The proxy (or the relay) has core 0, client and upstream share core 1; CPU as a share of one core "
+             "over the run. "
              "'Other jobs': CPU on each core used by processes this benchmark did not start (other work on the "
              "machine).",
     ))  # fmt: skip
 
     figures: dict[str, Any] = {f"c{s.shape.users}_{s.target}_r{s.round}": s.figures() for s in samples}
     figures |= {f"c{users}_added_ms": values for users, values in added.items()}
+    figures |= {f"c{users}_relay_added_ms": values for users, values in relay_added.items()}
     result.figures = figures
     result.figures["shapes"] = [vars(shape) for shape in shapes]
     result.figures["events_written"] = events_written
@@ -364,7 +393,13 @@ def run(ctx: Context) -> Result:
         busy = max(s.other_load.get(SUT_CPU, 0.0) for s in mine)
         cpu = max(s.server_cpu_s / s.wall_s for s in mine)
         per_chunk = statistics.median(s.cpu_us_per_chunk for s in mine)
-        text = f"the proxy used {cpu:.0%} of core {SUT_CPU} ({per_chunk:.0f} µs/chunk)"
+        relay = [s for s in samples if s.target == "relay" and s.shape.users == users]
+        text = (
+            f"the proxy used {cpu:.0%} of core {SUT_CPU} ({per_chunk:.0f} µs/chunk); in the same rounds the bare relay "
+            f"(no routing, metrics, usage or events) added {relay_added[users]['chunk delay p99']:+.3f} ms at p99 "
+            f"with {statistics.median(s.cpu_us_per_chunk for s in relay):.0f} µs/chunk: uvicorn's and aiohttp's "
+            "per-chunk cost in Python, which no change to the proxy's own code removes"
+        )
         if busy > CONTENDED:
             text = f"other jobs used {busy:.0%} of core {SUT_CPU} meanwhile: the proxy waited for its core; " + text
         return text
