@@ -134,6 +134,30 @@ def proc_stats() -> Iterator[tuple[int, list[str]]]:
                 continue
 
 
+def tcp_peer_ports(pid: int) -> list[int]:
+    """Remote ports of the process's established TCP connections (its socket fds matched by inode
+    in /proc/net/tcp and tcp6, which list the process's network namespace)."""
+    inodes: set[str] = set()
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(fd.path)
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports: list[int] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl local remote state ... uid timeout inode
+            if fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                ports.append(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def _group_members(pgid: int) -> list[int]:
     return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid]
 

@@ -200,9 +200,10 @@ def _freeze_startup_heap() -> None:
     CPython's rule "full collection once the old generation grew by a quarter" fired on the first
     chance, and with 1,000 streams open (~115 tracked objects each) a full collection paused every
     stream for ~55 ms. A request's objects die by reference counting, so a young collection
-    every 50,000 net new objects instead of 700 promotes far fewer of them and full collections
-    become rare; cyclic garbage still counts towards the thresholds, so it is still collected
-    (bench soak: RSS flat over 10 minutes).
+    every 10,000 net new objects instead of 700 promotes far fewer of them and full collections
+    become rare (none in bench scenarios 2 and 3); a young one then takes ~3 ms (~15 ms at
+    50,000). Cyclic garbage still counts towards the thresholds, so it is still collected (bench
+    soak: RSS flat over 10 minutes).
     """
     gc.collect()
     gc.freeze()
