@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.core import Context, Result, Table, Target, fmt_int
 from bench.procs import LOAD_CPU, CoreLoad, free_port, http, log, tcp_peer_ports, wait_port
-from bench.servers import ADMIN_TOKEN, EXPERIMENT, sanity_check, start_nginx, start_proxy, start_redis
+from bench.servers import ADMIN_TOKEN, EXPERIMENT, gc_note, sanity_check, start_nginx, start_proxy, start_redis
 
 NAME = "soak"
 TITLE = "5. Soak: steady load with rollout changes"
@@ -134,6 +134,7 @@ def run(ctx: Context) -> Result:
                      duration=duration, rate=rate, change_s=change_s, sample_s=sample_s, warmup_s=warmup_s,
                      stream_share=stream_share)  # fmt: skip
     result.figures["other_load"] = other
+    result.notes.append(gc_note(port))
     result.notes.append(f"Other jobs' share of each core during the soak: core 0 {other['0']:.0%}, "
                         f"core 1 {other['1']:.0%}.")  # fmt: skip
     return result
