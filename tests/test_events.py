@@ -361,7 +361,7 @@ class TestEventLog:
         assert metrics.events_dropped.labels("flaky", "sink_error")._value.get() == 0
 
     async def test_retried_batch_in_the_stream_twice_is_stored_once(self, redis_url: str, tmp_path: Path) -> None:
-        """A pipeline applied by Redis whose reply was lost is written again: two entries, one stored request."""
+        """A batch applied by Redis whose reply was lost is written again: two entries, one stored request."""
 
         class LostReply(RedisStreamSink):
             """Writes the batch, then fails as if the connection dropped before the reply: the first time only."""
@@ -372,7 +372,7 @@ class TestEventLog:
                 await super().write(batch)
                 if not self.failed:
                     self.failed = True
-                    raise ConnectionError("connection lost after the pipeline was sent")
+                    raise ConnectionError("connection lost after the batch was sent")
 
         sink = LostReply(redis_url, key=STREAM_KEY, maxlen=1000, batch_size=10, timeout_s=1, retry_after_s=0)
         metrics = Metrics(CollectorRegistry())
@@ -421,6 +421,28 @@ class TestEventLog:
         events = [decode_entry(eid, fields) for eid, fields in entries]
         assert [e.request_id for e in events] == [f"r{i}" for i in range(5)]
         assert [e.event["n"] for e in events] == list(range(5))
+
+    async def test_redis_sink_lays_out_entries_as_entry_fields_and_reloads_its_script(self, redis_url: str) -> None:
+        """The batch script writes exactly event_stream.entry_fields' fields, in that order, and keeps
+        writing after Redis lost its script cache (a restart: NOSCRIPT, loaded again)."""
+        client = aioredis.from_url(redis_url)
+        await client.delete("t:layout")
+        sink = RedisStreamSink(redis_url, key="t:layout", maxlen=1000, batch_size=10, timeout_s=1)
+        try:
+            first = [("a" * 40, orjson.dumps({"request_id": "a" * 40, "x": "é"}))]
+            await sink.write(first)
+            await client.script_flush()
+            await sink.write([("b" * 40, orjson.dumps({"request_id": "b" * 40}))])
+            entries = await client.xrange("t:layout")
+        finally:
+            await sink.close()
+            await client.aclose()
+        assert len(entries) == 2
+        expected = entry_fields(*first[0])
+        assert list(entries[0][1].items()) == [(k.encode(), str(v).encode() if isinstance(v, int) else
+                                                v if isinstance(v, bytes) else v.encode())
+                                               for k, v in expected.items()]  # fmt: skip
+        assert decode_entry(*entries[1]).request_id == "b" * 40
 
 
 class TestConsumerGroup:
