@@ -106,8 +106,8 @@ def run(ctx: Context) -> Result:
         0: (
             f"CPU per request: the proxy's {proxy32['cpu_us_per_req']:.0f} µs against the forwarder's "
             f"{base32['cpu_us_per_req']:.0f} µs (+{extra_us:.0f}); what the features add is scenario 6 (the event "
-            "log and the Redis stream sink most: an orjson line and a redis-py command packed in Python per "
-            "request), and with all of them off the proxy's routing, request id, header handling and the ASGI hop "
+            "log and the Redis stream sink most: the event dict and its JSON line, and the sink's share of a "
+            "batch), and with all of them off the proxy's routing, request id, header handling and the ASGI hop "
             "still cost ~25 µs: at ~200 µs a request, 0.9× leaves ~20 µs for everything the proxy does"
         ),
         2: (
