@@ -36,7 +36,7 @@ from typing import Any
 
 from bench.procs import LOAD_CPU, REPO, SUT_CPU, Processes, log
 from bench.servers import BENCH, proxy_counts, sanity_check, start_nginx, start_proxy, start_redis, start_ref, versions
-from bench.wrk import Sample, wrk
+from bench.wrk import Sample, summary, wrk
 
 # The spec's targets (issue 3, "Speed").
 TARGET_RPS_RATIO = 0.75
@@ -49,11 +49,7 @@ def summarise(samples: list[Sample], names: list[str]) -> dict[str, dict[str, An
     for name in names:
         mine = [s for s in samples if s.candidate == name]
         out[name] = {
-            "rps": statistics.median(s.rps for s in mine),
-            "p50_ms": statistics.median(s.p50_ms for s in mine),
-            "p99_ms": statistics.median(s.p99_ms for s in mine),
-            "errors": sum(s.errors for s in mine),
-            "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in mine),
+            **summary(mine),
             "other_load_max": max(max(s.raw["other_load"].values()) for s in mine),
             "rounds": [round(s.rps) for s in mine],
         }

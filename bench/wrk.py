@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,20 @@ class Sample:
     @property
     def p999_ms(self) -> float:
         return float(self.raw["p999_us"]) / 1000
+
+
+def summary(samples: Sequence[Sample]) -> dict[str, float]:
+    """One candidate's rounds: medians of req/s, latencies and CPU per request, the least CPU a round
+    took (contention only ever adds to it) and the errors summed."""
+    return {
+        "rps": statistics.median(s.rps for s in samples),
+        "p50_ms": statistics.median(s.p50_ms for s in samples),
+        "p99_ms": statistics.median(s.p99_ms for s in samples),
+        "p999_ms": statistics.median(s.p999_ms for s in samples),
+        "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in samples),
+        "cpu_us_per_req_best": min(s.cpu_us_per_req for s in samples),
+        "errors": sum(s.errors for s in samples),
+    }
 
 
 _BENCH_JSON = re.compile(r"^BENCH_JSON (\{.*\})$", re.M)

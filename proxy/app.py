@@ -201,7 +201,7 @@ def _freeze_startup_heap() -> None:
     chance, and with 1,000 streams open (~115 tracked objects each) a full collection paused every
     stream for ~55 ms. A request's objects die by reference counting, so a young collection
     every 10,000 net new objects instead of 700 promotes far fewer of them and full collections
-    become rare (none in bench scenarios 2 and 3); a young one then takes ~3 ms (~15 ms at
+    become rare (none in bench scenarios 2 and 3); a young one then takes ~3-6 ms (~15 ms at
     50,000). Cyclic garbage still counts towards the thresholds, so it is still collected (bench
     soak: RSS flat over 10 minutes).
     """

@@ -61,7 +61,7 @@ class UsageTap:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
-        if not self._capture and not _has_usage(complete) and b'"error"' not in complete and not _has_finish(complete):
+        if self._passes(complete):
             return complete
         kept = [event for event in complete[:-2].split(b"\n\n") if self._keep(event)]
         return b"".join(event + b"\n\n" for event in kept)
@@ -75,8 +75,12 @@ class UsageTap:
     def text(self) -> str | None:
         return "".join(self._parts) if self._capture else None
 
+    def _passes(self, data: bytes) -> bool:
+        """Nothing in `data` for the tap to read: no text to capture, usage, error or finish reason."""
+        return not self._capture and not _has_usage(data) and b'"error"' not in data and not _has_finish(data)
+
     def _keep(self, event: bytes) -> bool:
-        if not self._capture and not _has_usage(event) and b'"error"' not in event and not _has_finish(event):
+        if self._passes(event):
             return True
         payload = _data_of(event)
         if payload is None:
@@ -107,8 +111,7 @@ def _has_usage(data: bytes) -> bool:
     """A `usage` that is not null. The proxy asks every stream for usage, so each chunk carries
     `"usage":null` and only the last a real one: counting keeps the common chunk on the fast
     path (three scans in C) instead of splitting and parsing it (~7 us against ~2 us a chunk)."""
-    named = data.count(b'"usage"')
-    return named > 0 and named > data.count(_NULL_USAGE[0]) + data.count(_NULL_USAGE[1])
+    return data.count(b'"usage"') > data.count(_NULL_USAGE[0]) + data.count(_NULL_USAGE[1])
 
 
 def _has_finish(data: bytes) -> bool:

@@ -35,7 +35,7 @@ from bench.servers import (
     start_proxy,
     start_redis,
 )
-from bench.wrk import Sample, wrk
+from bench.wrk import Sample, summary, wrk
 from proxy.config import settings_from_dict
 
 NAME = "feature_cost"
@@ -138,15 +138,7 @@ def _result(
     med: dict[str, dict[str, float]] = {}
     for name in names:
         mine = [s for s in samples if s.candidate == name]
-        med[name] = {
-            "rps": statistics.median(s.rps for s in mine),
-            "p50_ms": statistics.median(s.p50_ms for s in mine),
-            "p99_ms": statistics.median(s.p99_ms for s in mine),
-            "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in mine),
-            # The least CPU a round took: contention (cache, SMT sibling, frequency) only ever adds.
-            "cpu_us_per_req_best": min(s.cpu_us_per_req for s in mine),
-            "errors": sum(s.errors for s in mine),
-        }
+        med[name] = summary(mine)
     base, off = med["forwarder"], med["all off"]
     rows = []
     for name in names:

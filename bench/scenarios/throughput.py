@@ -9,12 +9,10 @@ so drift on a noisy machine hits them alike; the table gives medians and the rat
 
 from __future__ import annotations
 
-import statistics
-
 from bench.core import Context, Result, Table, Target, fmt_int, fmt_ms, fmt_ratio
 from bench.procs import log
 from bench.servers import sanity_check, start_aiohttp, start_nginx, start_proxy, start_redis
-from bench.wrk import Sample, wrk
+from bench.wrk import Sample, summary, wrk
 
 NAME = "throughput"
 TITLE = "1. Non-streaming throughput and added latency"
@@ -55,14 +53,7 @@ def run(ctx: Context) -> Result:
         rows = []
         for name in CANDIDATES:
             mine = [s for s in samples if s.connections == connections and s.candidate == name]
-            medians[connections, name] = {
-                "rps": statistics.median(s.rps for s in mine),
-                "p50_ms": statistics.median(s.p50_ms for s in mine),
-                "p99_ms": statistics.median(s.p99_ms for s in mine),
-                "p999_ms": statistics.median(s.p999_ms for s in mine),
-                "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in mine),
-                "errors": sum(s.errors for s in mine),
-            }
+            medians[connections, name] = summary(mine)
         base, direct = medians[connections, "aiohttp"], medians[connections, "direct"]
         for name in CANDIDATES:
             m = medians[connections, name]
