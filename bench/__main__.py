@@ -1,5 +1,6 @@
 """The benchmark suite: `make bench` (or `python -m bench`) runs every scenario and writes the report.
 
+\b
     python -m bench                        # every scenario, full length (about an hour on 2 cores)
     python -m bench --only throughput,streaming
     python -m bench --quick                # seconds per scenario: CI's smoke run, no timing asserted

@@ -48,10 +48,12 @@ from proxy.types import Receive, Scope, Send
 from proxy.upstream import (
     DROPPED_REQUEST_HEADERS,
     DROPPED_RESPONSE_HEADERS,
+    TRANSPORT_ERRORS,
     RawHeaders,
     Upstream,
     UpstreamPool,
     never_sent,
+    translate,
     translate_errors,
 )
 
@@ -586,34 +588,61 @@ async def _send_body(send: Send, ex: Exchange, status: int, raw_headers: RawHead
 async def _relay_stream(
     response: aiohttp.ClientResponse, receive: Receive, send: Send, ex: Exchange, tap: UsageTap
 ) -> None:
-    """Pump SSE events to the client while a watcher waits for the client to leave."""
-    pump = asyncio.ensure_future(_pump(response, send, ex, tap))
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    """Pump SSE events to the client in this task while a watcher waits for the client to leave.
+
+    The pump runs here, not in a task of its own: one task and no asyncio.wait per open stream
+    (README, "Open streams": each costs the stream memory). The watcher cancels this task when
+    the client leaves; that cancellation is told apart from the server's by `watch.left`."""
+    watch = _ClientWatch(receive)
     try:
-        await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        await _pump(response, send, ex, tap)
     except asyncio.CancelledError:
-        # The server is stopping and its shutdown deadline (server.shutdown_timeout_s) has passed:
-        # end the stream well-formed, with an error event the client's SDK raises, not mid-line.
-        pump.cancel()
-        try:
-            event = b"data: " + SHUTTING_DOWN.to_json() + b"\n\n"
-            await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
-        except Exception:  # the connection may be gone already; the request is recorded either way
-            pass
-        raise
-    finally:
-        watcher.cancel()
-        if not pump.done():
-            pump.cancel()
-            ex.status, ex.error = CLIENT_CLOSED, "cancelled"
+        if not watch.left:
+            # The server is stopping and its shutdown deadline (server.shutdown_timeout_s) has
+            # passed: end the stream well-formed, with an error event the client's SDK raises.
             try:
-                await pump
-            except asyncio.CancelledError:
+                event = b"data: " + SHUTTING_DOWN.to_json() + b"\n\n"
+                await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
+            except Exception:  # the connection may be gone already; the request is recorded either way
                 pass
-            # Closing (not releasing) drops the connection: that is the upstream's cancel.
-            response.close()
-    if pump.done() and not pump.cancelled():
-        pump.result()  # re-raise what the pump raised
+            raise
+        ex.status, ex.error = CLIENT_CLOSED, "cancelled"
+        # Closing (not releasing) drops the connection: that is the upstream's cancel.
+        response.close()
+        task = asyncio.current_task()
+        if task is not None and task.uncancel() > 0:
+            raise  # the server is stopping as well
+    finally:
+        watch.stop()
+
+
+class _ClientWatch:
+    """Waits for the client to leave (the ASGI receive channel's http.disconnect) and then cancels
+    the task relaying its stream, unless `stop` came first.
+
+    uvicorn's receive() also says http.disconnect once the response is complete: by then the
+    relay has called `stop` (the last send and `stop` run with no await between them), so the
+    watcher is cancelled before it can act."""
+
+    __slots__ = ("_relay", "_watcher", "left")
+
+    def __init__(self, receive: Receive) -> None:
+        self._relay: asyncio.Task[Any] | None = asyncio.current_task()
+        self.left = False
+        self._watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        self._watcher.add_done_callback(self._done)
+
+    def _done(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled():
+            return
+        watcher.exception()  # retrieved: a receive() that failed means the client is gone too
+        if self._relay is not None:
+            self.left = True
+            self._relay.cancel()
+
+    def stop(self) -> None:
+        self._relay = None
+        self._watcher.cancel()
 
 
 async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap: UsageTap) -> None:
@@ -622,17 +651,17 @@ async def _pump(response: aiohttp.ClientResponse, send: Send, ex: Exchange, tap:
         headers.append((b"x-abproxy-fallback", b"control"))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     try:
-        with translate_errors(ex.arm.upstream, mid_stream=True):
-            async for chunk in response.content.iter_any():
-                if ex.ttft_s is None:
-                    ex.ttft_s = time.perf_counter() - ex.started
-                out = tap.feed(chunk)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-    except UpstreamError as exc:
+        async for chunk in response.content.iter_any():
+            if ex.ttft_s is None:
+                ex.ttft_s = time.perf_counter() - ex.started
+            out = tap.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+    except TRANSPORT_ERRORS as exc:  # `translate_errors` inlined: no context manager held per stream
         # Headers are gone already: tell the client in-band, the way OpenAI does.
-        ex.status, ex.error = exc.status_code, exc.reason
-        event = b"data: " + exc.to_json() + b"\n\n"
+        error = translate(exc, ex.arm.upstream, mid_stream=True)
+        ex.status, ex.error = error.status_code, error.reason
+        event = b"data: " + error.to_json() + b"\n\n"
         await send({"type": "http.response.body", "body": tap.finish() + event, "more_body": False})
         return
     if tap.usage is not None:

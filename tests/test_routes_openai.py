@@ -740,6 +740,11 @@ class TestDisconnect:
                 before, _samples(http, faulty_proxy), "abproxy_upstream_errors_total", 1, reason="cancelled", **arm
             )
         )
+        # The relay's task ended (its cancellation by the watcher did not escape) and left nothing
+        # running: the in-flight slot is free and the process's tasks are back to their count before.
+        after = _samples(http, faulty_proxy)
+        assert _value(after, "abproxy_in_flight_requests", **arm) == 0
+        eventually(lambda: _check_delta(before, _samples(http, faulty_proxy), "abproxy_asyncio_tasks", 0))
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -3,13 +3,14 @@ the memory each open stream costs.
 
 The same slow streams (a chunk a second, from bench/stream_upstream.py) run first straight at the
 upstream (the baseline: that 5,000 streams open cleanly on this machine at all, and what a raw
-asyncio server holds per stream) and then through the proxy (one worker on core 0). The proxy's
-memory is read warm and idle, with every stream open and past its first chunk, and after they
-ended; memory per open stream = (open - idle) / streams.
+asyncio server holds per stream), then through the bare streaming relay (bench/forwarders_ref.py
+stream_relay: uvicorn + aiohttp with nothing else, the floor of a Python hop on the proxy's stack)
+and then through the proxy (each one worker on core 0). Memory is read warm and idle, with every
+stream open and past its first chunk, and after they ended; memory per open stream = (open - idle)
+/ streams.
 
 server.max_in_flight (the proxy's cap on requests in flight, 4096 by default) is raised to 10,000
-for this scenario, and the open-file limit to its hard limit (the proxy holds two sockets per
-stream).
+for this scenario, and the open-file limit to its hard limit (a hop holds two sockets per stream).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from bench.core import SUT_CPU, Context, Result, Table, Target, fmt_int, fmt_ms
 from bench.procs import CoreLoad, cpu_seconds, log, raise_fd_limit
 from bench.scenarios.streaming import CONTENDED, Shape, pct, run_client, upstream_stats
-from bench.servers import gc_note, start_proxy, start_redis, start_stream_upstream
+from bench.servers import gc_note, start_proxy, start_redis, start_ref, start_stream_upstream
 
 NAME = "open_streams"
 TITLE = "3. Open streams: 5,000 concurrent slow streams on one worker"
@@ -72,7 +73,7 @@ def sample_memory(pids: dict[str, int], count: int = 5, every_s: float = 0.3) ->
 
 @dataclass
 class Phase:
-    target: str  # direct | proxy
+    target: str  # direct | relay | proxy
     streams: int = 0
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
@@ -153,17 +154,19 @@ def run(ctx: Context) -> Result:
         ctx.procs, ctx.workdir, f"http://127.0.0.1:{up_port}/v1", redis,
         overrides={"server": {"max_in_flight": MAX_IN_FLIGHT}},
     )  # fmt: skip
-    pids = {"proxy": ctx.procs.pid("proxy"), "upstream": ctx.procs.pid("stream-upstream")}
+    relay_port = start_ref(ctx.procs, "relay", "stream_relay", f"http://127.0.0.1:{up_port}/v1")
+    pids = {name: ctx.procs.pid(name) for name in ("proxy", "relay")} | {"upstream": ctx.procs.pid("stream-upstream")}
 
-    # Warm both paths (imports, pools, the first allocations) before reading idle memory.
-    for target, port in (("direct", up_port), ("proxy", proxy_port)):
+    # Warm every path (imports, pools, the first allocations) before reading idle memory.
+    for target, port in (("direct", up_port), ("relay", relay_port), ("proxy", proxy_port)):
         warm = run_client(ctx, f"client-warmup-{target}", port, Shape(200, 5, 20, 2, 0.2), timeout_s=60)
         if warm.errors:
             raise RuntimeError(f"warm-up {target}: errors {warm.error_counts()}")
 
     phases = [
         run_phase(ctx, "direct", up_port, shape, {"upstream": pids["upstream"]}),
-        run_phase(ctx, "proxy", proxy_port, shape, pids),
+        run_phase(ctx, "relay", relay_port, shape, {"relay": pids["relay"], "upstream": pids["upstream"]}),
+        run_phase(ctx, "proxy", proxy_port, shape, {"proxy": pids["proxy"], "upstream": pids["upstream"]}),
     ]
     result = Result(NAME, TITLE, errors=sum(p.errors for p in phases))
     result.notes.append(gc_note(proxy_port))
@@ -174,34 +177,35 @@ def run(ctx: Context) -> Result:
             result.errors += len(unread)
         result.notes.append(f"memory was not read while every stream was open in: {', '.join(unread)}")
 
-    direct, proxy = phases
+    direct, relay, proxy = phases
 
     def mib(m: dict[str, dict[str, int]], name: str, key: str = "VmRSS") -> str:
         return f"{m[name][key] / 1024:.1f}" if name in m else "-"
 
     rows = []
     for p in phases:
-        proxied = p.target == "proxy"
+        hop = "" if p.target == "direct" else p.target  # the process between client and upstream
         rows.append([
             p.target, fmt_int(p.streams), str(p.errors), f"{p.open_s:.1f}",
-            mib(p.idle, "proxy"), mib(p.open, "proxy"), mib(p.after, "proxy"),
-            f"{p.per_stream_kib('proxy'):.1f}" if proxied else "-",
-            f"{p.per_stream_kib('proxy', 'Pss'):.1f}" if proxied else "-",
-            fmt_int(p.open["proxy"]["fds"]) if proxied and "proxy" in p.open else "-",
+            mib(p.idle, hop), mib(p.open, hop), mib(p.after, hop),
+            f"{p.per_stream_kib(hop):.1f}" if hop else "-",
+            f"{p.per_stream_kib(hop, 'Pss'):.1f}" if hop else "-",
+            fmt_int(p.open[hop]["fds"]) if hop in p.open else "-",
             f"{p.per_stream_kib('upstream'):.1f}",
-            f"{p.cpu_ms_per_stream['proxy']:.2f}" if proxied else "-", f"{p.cpu_ms_per_stream['upstream']:.2f}",
+            f"{p.cpu_ms_per_stream[hop]:.2f}" if hop else "-", f"{p.cpu_ms_per_stream['upstream']:.2f}",
             fmt_ms(p.ttft_ms["p50"]), fmt_ms(p.ttft_ms["p99"]), fmt_ms(p.delay_ms["p99"]), fmt_ms(p.delay_ms["max"]),
             f"{p.other_load.get('0', 0):.0%} / {p.other_load.get('1', 0):.0%}",
         ])  # fmt: skip
     result.tables.append(Table(
         f"{shape.users:,} streams of {shape.tokens} chunks, one every {shape.interval_ms / 1000:g} s, started over "
         f"{shape.stagger_s:g} s",
-        ["path", "streams", "errors", "s to all open", "proxy RSS idle MiB", "all open MiB", "after MiB",
-         "proxy KiB/stream (RSS)", "(PSS)", "proxy fds open", "upstream KiB/stream (RSS)", "proxy CPU ms/stream",
+        ["path", "streams", "errors", "s to all open", "hop RSS idle MiB", "all open MiB", "after MiB",
+         "hop KiB/stream (RSS)", "(PSS)", "hop fds open", "upstream KiB/stream (RSS)", "hop CPU ms/stream",
          "upstream CPU ms/stream", "TTFT p50 ms", "TTFT p99 ms", "chunk delay p99 ms", "chunk delay max ms",
          "other jobs core 0 / 1"],
         rows,
         note=(
+            "The hop is the process between client and upstream: the bare relay or the proxy. "
             "Memory per stream = (all open - warm idle) / streams, each the median of 5 readings 0.3 s apart; "
             "RSS counts what the process holds in user space: the kernel's socket buffers are not in it. "
             "'After': a few seconds after the last stream ended. CPU per stream: the process's CPU over the "
@@ -210,6 +214,7 @@ def run(ctx: Context) -> Result:
         ),
     ))  # fmt: skip
     per_stream = proxy.per_stream_kib("proxy")
+    relay_per_stream = relay.per_stream_kib("relay")
     upstream_per_stream = proxy.per_stream_kib("upstream")
     result.figures = {
         "shape": vars(shape),
@@ -218,7 +223,8 @@ def run(ctx: Context) -> Result:
         "phases": [vars(p) for p in phases],
         "proxy_kib_per_stream": per_stream,
         "proxy_kib_per_stream_pss": proxy.per_stream_kib("proxy", "Pss"),
-        "upstream_kib_per_stream": {"direct": direct.per_stream_kib("upstream"), "proxy": upstream_per_stream},
+        "relay_kib_per_stream": relay_per_stream,
+        "upstream_kib_per_stream": {p.target: p.per_stream_kib("upstream") for p in phases},
         "upstream": stats,
     }
     decide = not ctx.quick
@@ -227,14 +233,18 @@ def run(ctx: Context) -> Result:
                f"{proxy.errors} errors through the proxy ({direct.errors} direct)",
                proxy.errors == 0 and proxy.read_ok if decide else None),
         Target(f"< {TARGET_KIB:g} KiB of memory per open stream",
-               f"{per_stream:.1f} KiB (RSS; PSS {proxy.per_stream_kib('proxy', 'Pss'):.1f}; the raw upstream holds "
-               f"{upstream_per_stream:.1f} KiB per stream)",
+               f"{per_stream:.1f} KiB (RSS; PSS {proxy.per_stream_kib('proxy', 'Pss'):.1f}); the bare relay "
+               f"{relay_per_stream:.1f} KiB, the raw upstream {upstream_per_stream:.1f} KiB per stream",
                per_stream < TARGET_KIB if decide else None),
     ]  # fmt: skip
     if result.targets[1].ok is False:
         result.targets[1].limit = (
-            "the Python objects an open stream keeps on both its connections: uvicorn's request cycle, aiohttp's "
-            "response and connection, the proxy's exchange and its three asyncio tasks (tracemalloc)"
+            f"the bare relay, uvicorn + aiohttp and one task per stream with nothing else, holds "
+            f"{relay_per_stream:.1f} KiB per stream in the same run: the Python objects of the two connections "
+            "(uvicorn's protocol, parser and request cycle with their asyncio Events; aiohttp's connection, parser, "
+            f"response and its buffers). The proxy's {per_stream - relay_per_stream:+.1f} KiB over it: the "
+            "disconnect watcher's task (a client that leaves must cancel its upstream stream), the exchange record "
+            "and the usage tap (tracemalloc)"
         )
     if not proxy.read_ok:
         result.targets[
