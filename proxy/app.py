@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.config import Settings, config_path, load_settings
 from proxy.errors import ProxyError, error_body
+from proxy.gc_tuning import freeze_startup_heap
 from proxy.humaneval.pages import EvalSite
 from proxy.humaneval.web import router as eval_router
 from proxy.metrics import Metrics
@@ -109,7 +109,7 @@ def _build_api(runtime: Runtime, *, freeze_gc: bool = False) -> FastAPI:
         await runtime.start()
         unwatch_gc: Callable[[], None] | None = None
         if freeze_gc:  # a serving process: its collector is tuned, and its pauses measured
-            _freeze_startup_heap()
+            freeze_startup_heap()
             unwatch_gc = runtime.metrics.watch_gc()
         try:
             yield
@@ -181,30 +181,3 @@ def install_error_handlers(api: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers,
         )
-
-
-# gc.set_threshold(young, middle, old) for a serving process: see _freeze_startup_heap.
-GC_THRESHOLDS = (10_000, 20, 10)
-
-
-def _freeze_startup_heap() -> None:
-    """Move everything alive after start-up out of the cyclic collector's reach.
-
-    FastAPI, pydantic, redis-py, prometheus-client and the CLI leave ~90k long-lived objects
-    in a serving process. Under load CPython ran a full collection over all of them about
-    every 0.7 s, 50-100 ms each, which doubled p99 and cost ~8 % of CPU (bench/forwarders.py).
-    Frozen, a full collection scans only what was allocated since. Frozen objects that later
-    become cyclic garbage are never freed, which is why only a serving process does this.
-
-    Then the thresholds (GC_THRESHOLDS): after the freeze the old generation counts as empty, so
-    CPython's rule "full collection once the old generation grew by a quarter" fired on the first
-    chance, and with 1,000 streams open (~115 tracked objects each) a full collection paused every
-    stream for ~55 ms. A request's objects die by reference counting, so a young collection
-    every 10,000 net new objects instead of 700 promotes far fewer of them and full collections
-    become rare (none in bench scenarios 2 and 3); a young one then takes ~3-6 ms (~15 ms at
-    50,000). Cyclic garbage still counts towards the thresholds, so it is still collected (bench
-    soak: RSS flat over 10 minutes).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)

@@ -393,6 +393,7 @@ def collect(
     from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
+    from proxy.gc_tuning import freeze_startup_heap
     from proxy.logs import configure_logging
     from proxy.store.collector import Collector, CollectorMetrics, default_consumer, error_line
     from proxy.store.collector import collect as collect_events
@@ -408,9 +409,12 @@ def collect(
         except OSError as exc:
             fail(f"--metrics-port: cannot listen on port {metrics_port}: {exc.strerror}")
     revision = migrate_store(engine)
+    # A long-running drain: full collections would rescan the start-up heap (proxy/gc_tuning.py).
+    frozen = freeze_startup_heap()
     structlog.get_logger("abproxy").info(
-        "store_ready", store=engine.url.render_as_string(hide_password=True), revision=revision
-    )
+        "store_ready", store=engine.url.render_as_string(hide_password=True), revision=revision,
+        gc_frozen_objects=frozen,
+    )  # fmt: skip
     options = settings.collector
 
     async def run() -> None:

@@ -84,7 +84,7 @@ class TestMigrate:
             migrate(engine)
             Store(engine).write([request_event("r1")])
             migrate(engine)
-            assert current_revision(engine) == head_revision() == "0003"
+            assert current_revision(engine) == head_revision() == "0004"
             assert set(stored_requests(engine)) == {"r1"}
             assert {"requests", "feedback", "alembic_version"} <= set(inspect(engine).get_table_names())
         finally:
@@ -95,6 +95,27 @@ class TestMigrate:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), metadata)
         assert diff == []
+
+    def test_dropping_the_unused_request_indexes_is_reversible(self, engine: Engine) -> None:
+        """Revision 0004 drops the episode and (user, prompt, ts) indexes, keeping the rows; a
+        downgrade to 0003 builds them again, and upgrading once more drops them."""
+        from alembic import command
+
+        from proxy.store.db import _alembic_config
+
+        def indexes() -> set[str]:
+            return {str(ix["name"]) for ix in inspect(engine).get_indexes("requests")}
+
+        Store(engine).write([request_event("r1", episode_id="ep-1")])
+        unused = {"ix_requests_episode_id", "ix_requests_user_hash_prompt_hash_ts"}
+        assert not unused & indexes()
+        assert {"ix_requests_experiment_ts", "ix_requests_experiment_user_hash"} <= indexes()
+        with engine.begin() as connection:
+            command.downgrade(_alembic_config(connection), "0003")
+        assert unused <= indexes()
+        migrate(engine)
+        assert not unused & indexes()
+        assert set(stored_requests(engine)) == {"r1"}
 
     def test_postgresql_urls_use_psycopg(self) -> None:
         """postgresql:// is normalised to the psycopg 3 driver; other databases are refused."""
