@@ -49,6 +49,7 @@ from bench.offline_store import (
 from bench.procs import LOAD_CPU, SUT_CPU, CoreLoad, free_port, http, log, wait_port
 from bench.servers import proxy_config, sanity_check, start_nginx, start_proxy, start_redis
 from bench.wrk import _BENCH_JSON, wrk
+from proxy.config import CollectorConfig
 from proxy.event_stream import DEFAULT_KEY
 from proxy.ids import RequestIds
 from proxy.store.db import head_revision
@@ -202,8 +203,9 @@ def collector(ctx: Context, result: Result, config: Path, redis_port: int, pg: P
         note="Events per CPU-s: the collector's CPU time with its start-up (measured on an empty stream: "
         f"SQLite {startup['sqlite']['cpu_s']:.2f} s, PostgreSQL {startup['postgresql']['cpu_s']:.2f} s) taken out; "
         "what one core sustains when the collector has it to itself. Wall events/s also wait on the database's "
-        "commit and on other jobs sharing core 0 (other load: share of the core they used). Batches of 500 "
-        "(collector.batch_size), one transaction each, commits synced (SQLite synchronous=FULL, PostgreSQL "
+        "commit and on other jobs sharing core 0 (other load: share of the core they used). Batches of "
+        f"{CollectorConfig().batch_size:,} (collector.batch_size), one transaction each, commits synced (SQLite "
+        "synchronous=FULL, PostgreSQL "
         "synchronous_commit on).",
     ))  # fmt: skip
     result.figures["collector"] = figures
