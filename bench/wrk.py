@@ -45,9 +45,19 @@ def summary(samples: Sequence[Sample]) -> dict[str, float]:
         "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in samples),
         "cpu_us_per_req_best": min(s.cpu_us_per_req for s in samples),
         "errors": sum(s.errors for s in samples),
+        # By wrk's kind (non2xx, connect, read, write, timeout): what an error count means.
+        **{f"errors_{kind}": sum(s.raw[kind] for s in samples) for kind in ERROR_KINDS},
     }
 
 
+def error_text(figures: dict[str, float]) -> str:
+    """`summary`'s errors for a table cell: "0", or "73 (read 70, timeout 3)"."""
+    kinds = ", ".join(f"{kind} {int(figures[f'errors_{kind}'])}" for kind in ERROR_KINDS
+                      if figures.get(f"errors_{kind}"))  # fmt: skip
+    return f"{int(figures['errors'])} ({kinds})" if kinds else str(int(figures["errors"]))
+
+
+ERROR_KINDS = ("non2xx", "connect", "read", "write", "timeout")
 _BENCH_JSON = re.compile(r"^BENCH_JSON (\{.*\})$", re.M)
 
 
@@ -75,7 +85,7 @@ def wrk(
     raw = json.loads(match.group(1))
     raw["server_cpu_s"] = cpu
     raw["other_load"] = other  # share of each core used by other jobs on the box during the run
-    errors = raw["non2xx"] + raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
+    errors = sum(raw[kind] for kind in ERROR_KINDS)
     return Sample(
         candidate,
         round_,

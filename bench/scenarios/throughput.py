@@ -12,7 +12,7 @@ from __future__ import annotations
 from bench.core import Context, Result, Table, Target, fmt_int, fmt_ms, fmt_ratio
 from bench.procs import log
 from bench.servers import sanity_check, start_aiohttp, start_nginx, start_proxy, start_redis
-from bench.wrk import Sample, summary, wrk
+from bench.wrk import Sample, error_text, summary, wrk
 
 NAME = "throughput"
 TITLE = "1. Non-streaming throughput and added latency"
@@ -67,7 +67,7 @@ def run(ctx: Context) -> Result:
                 fmt_ms(m["p99_ms"]), fmt_ms(m["p999_ms"]), fmt_ratio(m["p99_ms"] / base["p99_ms"]),
                 "-" if name == "direct" else f"+{m['p50_ms'] - direct['p50_ms']:.3f}",
                 "-" if name == "direct" else fmt_int(m["cpu_us_per_req"]),
-                ", ".join(f"{r:.2f}" for r in per_round), str(int(m["errors"])),
+                ", ".join(f"{r:.2f}" for r in per_round), error_text(m),
             ])  # fmt: skip
         result.tables.append(Table(
             f"Concurrency {connections} (median of {rounds} rounds of {duration} s)",
