@@ -8,7 +8,8 @@
 
 Each scenario starts what it needs on loopback, pins the server under test to core 0 and the load
 and upstreams to core 1, and measures a baseline in the same run; only ratios to it are quoted.
-The report goes to bench/results/<timestamp>.{md,json} and bench/results/latest.{md,json}.
+The report goes to bench/results/<timestamp>.{md,json} and bench/results/latest.{md,json}; a full
+run (no --only, --quick or --set) also writes bench/REPORT.{md,json}, the copy kept in the repository.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def main(only: str, quick: bool, out: Path, keep_logs: bool, list_only: bool, se
     for stem in (stamp, "latest"):
         (out / f"{stem}.md").write_text(text)
         (out / f"{stem}.json").write_text(payload)
+    if not (quick or only or settings):
+        # A full run is also kept in the repository (bench/results/ is not): what the README quotes.
+        (BENCH / "REPORT.md").write_text(text)
+        (BENCH / "REPORT.json").write_text(payload)
     click.echo(text)
     console.print(f"report: {out / f'{stamp}.md'} and .json", highlight=False)
     if failed:
