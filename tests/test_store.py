@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, select
 
 from proxy.store.db import (
+    SQLITE_WAL_CHECKPOINT_PAGES,
     Store,
     WriteResult,
     check_event,
@@ -116,6 +118,23 @@ class TestMigrate:
         migrate(engine)
         assert not unused & indexes()
         assert set(stored_requests(engine)) == {"r1"}
+
+    def test_sqlite_connections_are_set_up_for_a_writer_and_readers(self, tmp_path: Path) -> None:
+        """Every SQLite connection: WAL (the report reads while the collector writes), commits synced,
+        a 64 MiB page cache and the WAL checkpointed every SQLITE_WAL_CHECKPOINT_PAGES pages."""
+        engine = engine_for(f"sqlite:///{tmp_path / 'pragmas.db'}")
+        try:
+            with engine.connect() as conn:
+                def pragma(name: str) -> Any:
+                    return conn.exec_driver_sql(f"PRAGMA {name}").scalar_one()
+
+                assert pragma("journal_mode") == "wal"
+                assert pragma("synchronous") == 2  # FULL
+                assert pragma("cache_size") == -65536
+                assert pragma("wal_autocheckpoint") == SQLITE_WAL_CHECKPOINT_PAGES
+                assert pragma("busy_timeout") == 10000
+        finally:
+            engine.dispose()
 
     def test_postgresql_urls_use_psycopg(self) -> None:
         """postgresql:// is normalised to the psycopg 3 driver; other databases are refused."""

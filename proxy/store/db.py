@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_WAL_CHECKPOINT_PAGES = 10_000  # see _sqlite_pragmas
 # Any constant: serialises concurrent `migrate` calls on one PostgreSQL database.
 _MIGRATE_LOCK_ID = 0x61627078
 
@@ -91,10 +92,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     # 64 MiB of page cache (the default is 2 MiB): the requests table's indexes on random keys
-    # (request_id, user and prompt hashes, episode) touch pages all over their B-trees, and a
-    # page read back from the OS on each insert cost the collector more CPU than the insert.
-    # A cache, not a durability setting: every commit is still synced (synchronous=FULL).
+    # (request_id, user hashes) touch pages all over their B-trees, and a page read back from
+    # the OS on each insert cost the collector more CPU than the insert.
     cursor.execute("PRAGMA cache_size=-65536")
+    # Checkpoint the WAL into the database every 10,000 pages (~40 MiB) instead of 1,000: a page
+    # the collector rewrites in several batches is copied back once, not once per 4 MiB of log
+    # (the kernel's part of a 300k-event SQLite drain: 11.5 -> 7.2 µs per event, same run).
+    # Neither is a durability setting: every commit is still synced (synchronous=FULL).
+    cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
     cursor.close()
 
 
