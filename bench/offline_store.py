@@ -425,6 +425,7 @@ def report_stores(
     key = cache_key(revision)
     stores: dict[int, dict[str, str]] = {}
     (cache / key).mkdir(parents=True, exist_ok=True)
+    _prune(pg, cache, key)
     existing = pg.databases()
     for n in sizes:
         sqlite_path = cache / key / f"requests-{n}.db"
@@ -442,6 +443,20 @@ def report_stores(
             del r
         stores[n] = {"sqlite": f"sqlite:///{sqlite_path}", "postgresql": pg.url(database)}
     return stores
+
+
+def _prune(pg: Postgres, cache: Path, key: str) -> None:
+    """Drop the stores of other data versions or schema revisions: nothing reads them again, and the
+    three sizes take ~17 GB on disk per key."""
+    for stale in cache.glob("data*-rev*"):
+        if stale.is_dir() and stale.name != key:
+            log(f"  offline: removing the stale report stores {stale}")
+            shutil.rmtree(stale, ignore_errors=True)
+    suffix = "_" + key.replace("-", "_")
+    for database in pg.databases():
+        if database.startswith("requests_") and not database.endswith(suffix):
+            log(f"  offline: dropping the stale report database {database}")
+            pg.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def postgres_cache_root(cache: Path = CACHE) -> Path:
