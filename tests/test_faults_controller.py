@@ -132,6 +132,7 @@ class Watch:
         self.locks: list[tuple[float, str | None, float | None]] = []  # (Redis time ms, holder, lease expiry ms)
         self.problems: list[str] = []
         self.samples = 0
+        self.plan_status: str | None = None  # as of the latest sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -168,6 +169,7 @@ class Watch:
                 return
             self.samples += 1
             self.locks.append((snap["now_ms"], snap["holder"], snap["expiry_ms"]))
+            self.plan_status = snap["plan"].get("status")
             seen = (len(snap["decisions"]), len(snap["audit"]), snap["plan"].get("rev", ""))
             if seen != last:  # judge each state once
                 last = seen
@@ -298,6 +300,10 @@ class Rig:
 
     def completed(self) -> None:
         wait_until(lambda: self.plan("status") == "completed", timeout=40, what="B to finish the plan")
+        # A leader can take the lease and finish the plan in one round, between two of the watch's samples
+        # (CI saw holders A, then none): keep watching until a sample shows the end, which B, still
+        # leading, holds the lease through.
+        wait_until(lambda: self.watch.plan_status == "completed", timeout=10, what="the watch to see the end")
 
     def close(self) -> None:
         for c in self.started:
