@@ -105,18 +105,19 @@ def fastapi_route() -> Any:
     return app
 
 
+async def _read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
 def raw_asgi() -> Any:
     """A raw ASGI callable + aiohttp: no framework at all."""
     fwd = _Forwarder()
     not_found = b'{"error":"not found"}'
-
-    async def read_body(receive: Receive) -> bytes:
-        parts = []
-        while True:
-            message = await receive()
-            parts.append(message.get("body", b""))
-            if not message.get("more_body"):
-                return b"".join(parts)
 
     async def respond(send: Send, status: int, payload: bytes) -> None:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
@@ -130,7 +131,7 @@ def raw_asgi() -> Any:
         if scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
             await respond(send, 404, not_found)
             return
-        status, payload = await fwd.forward(await read_body(receive))
+        status, payload = await fwd.forward(await _read_body(receive))
         await respond(send, status, payload)
 
     return app
@@ -159,14 +160,9 @@ def stream_relay() -> Any:
         if scope["type"] == "lifespan":
             await _lifespan(fwd, receive, send)
             return
-        parts = []
-        while True:
-            message = await receive()
-            parts.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        body = await _read_body(receive)
         assert fwd.session is not None
-        async with fwd.session.post(fwd.url, data=_rewrite(b"".join(parts)), headers=UPSTREAM_HEADERS) as response:
+        async with fwd.session.post(fwd.url, data=_rewrite(body), headers=UPSTREAM_HEADERS) as response:
             await send({"type": "http.response.start", "status": response.status, "headers": sse})
             async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

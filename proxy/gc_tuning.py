@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-# gc.set_threshold(young, middle, old) for a serving process: see freeze_startup_heap.
+# gc.set_threshold(young, middle, old) for a long-running process: see freeze_startup_heap.
 GC_THRESHOLDS = (10_000, 20, 10)
 
 

@@ -609,8 +609,7 @@ async def _relay_stream(
         ex.status, ex.error = CLIENT_CLOSED, "cancelled"
         # Closing (not releasing) drops the connection: that is the upstream's cancel.
         response.close()
-        task = asyncio.current_task()
-        if task is not None and task.uncancel() > 0:
+        if watch.absorb():
             raise  # the server is stopping as well
     finally:
         watch.stop()
@@ -639,6 +638,12 @@ class _ClientWatch:
         if self._relay is not None:
             self.left = True
             self._relay.cancel()
+
+    def absorb(self) -> bool:
+        """Take back the cancellation this watch made (after the client left); True if another, the
+        server's, is still pending on the relaying task."""
+        assert self._relay is not None
+        return self._relay.uncancel() > 0
 
     def stop(self) -> None:
         self._relay = None

@@ -107,7 +107,7 @@ class UpstreamPool:
         self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         """POST and return the response once its headers are in; the body is the caller's to read,
-        inside `translate_errors(mid_stream=True)`, and to release. Closing it instead drops the
+        mapping transport errors with `translate(mid_stream=True)`, and to release. Closing it instead drops the
         connection, which is how the upstream learns the client went away."""
         target = self.upstreams[upstream]
         with translate_errors(target.name):
