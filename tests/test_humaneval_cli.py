@@ -87,8 +87,9 @@ class TestStudy:
         assert hashes == {n: hashlib.sha256(t.encode()).hexdigest() for n, t in links.items()}
         assert settings["seed"] == 4 and settings["models"] == ["base", "finetuned"]
         # grep in another process: opening the database file here would drop this process's SQLite locks.
+        # -e: a urlsafe token may start with "-" (grep then exits 2 on an unknown option).
         for token in links.values():
-            assert subprocess.run(["grep", "-rqF", token, str(tmp_path)]).returncode == 1  # in no file, WAL too
+            assert subprocess.run(["grep", "-rqF", "-e", token, str(tmp_path)]).returncode == 1  # in no file, WAL too
         assert evaluator_for(engine, links["bob"]) == Evaluator("demo", "bob")
 
         relinked = abproxy("link", "demo", "bob", "--base-url", "http://eval.example:8080", "--store", store)
