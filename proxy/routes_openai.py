@@ -255,7 +255,7 @@ class OpenAIHandler:
                     tap = UsageTap(drop_usage_chunk=not client_wants_usage, capture_text=capture)
                     await _relay_stream(answer, receive, send, ex, tap)
                 finally:
-                    answer.release()
+                    self.upstreams.release_stream(answer)
             else:
                 await _send_body(send, ex, *answer)
         except ProxyError as exc:

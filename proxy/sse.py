@@ -8,13 +8,17 @@ only a partial event (no blank line yet) is held back, never the stream.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
-_NULL_USAGE = (b'"usage":null', b'"usage": null')
-# A chunk that ends a choice has a string here; all others carry null. Compact and spaced JSON.
-_FINISH = (b'"finish_reason":"', b'"finish_reason": "')
+# What the tap reads: a `usage` that is not null (the proxy asks every stream for usage, so each
+# chunk carries `"usage":null` and only the last a real one), an error, a finish reason (a string
+# in the chunk that ends a choice, null in all others). One regex pass in C keeps the common chunk
+# on the fast path: ~0.5 us, against ~1.1 us for the six substring scans it replaces and ~7 us for
+# splitting and parsing the chunk.
+_READ_WORTHY = re.compile(rb'"(?:usage"\s*:\s*[^n\s]|error"|finish_reason"\s*:\s*")')
 
 
 def first_finish_reason(obj: dict[str, Any]) -> str | None:
@@ -56,12 +60,15 @@ class UsageTap:
         data = self._pending + chunk if self._pending else chunk
         if b"\r" in data:  # SSE allows CRLF; normalise so events split on one separator
             data = data.replace(b"\r\n", b"\n")
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._pending = data
-            return b""
-        complete, self._pending = data[: end + 2], data[end + 2 :]
-        if self._passes(complete):
+        if data.endswith(b"\n\n"):  # whole events, the usual chunk: no copy
+            complete, self._pending = data, b""
+        else:
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self._pending = data
+                return b""
+            complete, self._pending = data[: end + 2], data[end + 2 :]
+        if not self._capture and _READ_WORTHY.search(complete) is None:
             return complete
         kept = [event for event in complete[:-2].split(b"\n\n") if self._keep(event)]
         return b"".join(event + b"\n\n" for event in kept)
@@ -75,12 +82,8 @@ class UsageTap:
     def text(self) -> str | None:
         return "".join(self._parts) if self._capture else None
 
-    def _passes(self, data: bytes) -> bool:
-        """Nothing in `data` for the tap to read: no text to capture, usage, error or finish reason."""
-        return not self._capture and not _has_usage(data) and b'"error"' not in data and not _has_finish(data)
-
     def _keep(self, event: bytes) -> bool:
-        if self._passes(event):
+        if not self._capture and _READ_WORTHY.search(event) is None:
             return True
         payload = _data_of(event)
         if payload is None:
@@ -105,17 +108,6 @@ class UsageTap:
             self.usage = usage
             return not (self._drop and obj.get("choices") == [])
         return True
-
-
-def _has_usage(data: bytes) -> bool:
-    """A `usage` that is not null. The proxy asks every stream for usage, so each chunk carries
-    `"usage":null` and only the last a real one: counting keeps the common chunk on the fast
-    path (three scans in C) instead of splitting and parsing it (~7 us against ~2 us a chunk)."""
-    return data.count(b'"usage"') > data.count(_NULL_USAGE[0]) + data.count(_NULL_USAGE[1])
-
-
-def _has_finish(data: bytes) -> bool:
-    return _FINISH[0] in data or _FINISH[1] in data
 
 
 def _data_of(event: bytes) -> bytes | None:

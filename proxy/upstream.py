@@ -14,6 +14,7 @@ import aiohttp
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamInterrupted, UpstreamTimeout, UpstreamUnreachable
+from proxy.stream_idle import IdleWatch
 
 # aiohttp's ClientResponse.raw_headers: the upstream's header lines, undecoded.
 RawHeaders = tuple[tuple[bytes, bytes], ...]
@@ -51,8 +52,10 @@ class Upstream:
         self.headers = headers
         # sock_read bounds a silence, not the whole answer, so a long but live stream is not cut.
         self.timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s)
+        # A stream's wait for headers is timed by aiohttp (sock_read), its silences by IdleWatch.
+        self.stream_idle_s = config.stream_idle_timeout_s or config.timeout_s
         self.stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=config.stream_idle_timeout_s or config.timeout_s
+            total=None, connect=config.connect_timeout_s, sock_read=self.stream_idle_s
         )
         self.max_in_flight = config.max_in_flight
         self.in_flight = 0  # this process's requests to it now (the event loop is one thread: no lock)
@@ -63,14 +66,17 @@ class Upstream:
 class UpstreamPool:
     def __init__(self, upstreams: dict[str, UpstreamConfig]) -> None:
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in upstreams.items()}
+        self.idle = IdleWatch(min((u.stream_idle_s for u in self.upstreams.values()), default=1.0))
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
         # auto_decompress: the proxy reads usage from bodies and re-frames them for the client.
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, raise_for_status=False)
+        self.idle.start()
 
     async def stop(self) -> None:
+        await self.idle.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -107,11 +113,19 @@ class UpstreamPool:
         self, upstream: str, path: str, body: bytes, client_headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         """POST and return the response once its headers are in; the body is the caller's to read,
-        mapping transport errors with `translate(mid_stream=True)`, and to release. Closing it instead drops the
-        connection, which is how the upstream learns the client went away."""
+        mapping transport errors with `translate(mid_stream=True)`, and to release with `release_stream`.
+        Closing it instead drops the connection, which is how the upstream learns the client went away.
+        A 200's silences from here on are timed by `idle` (the stream idle timeout)."""
         target = self.upstreams[upstream]
         with translate_errors(target.name):
-            return await self._open(target, path, body, client_headers, stream=True)
+            response = await self._open(target, path, body, client_headers, stream=True)
+        if response.status == 200:
+            self.idle.watch(response, target.stream_idle_s)
+        return response
+
+    def release_stream(self, response: aiohttp.ClientResponse) -> None:
+        self.idle.forget(response)
+        response.release()
 
 
 # What a transport failure can raise; `translate` maps each to the proxy's error tree.

@@ -34,6 +34,10 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 MAX_IN_FLIGHT = 6
 
 
+# A token every 0.2 s: each silence shorter than up-paced-idle's 0.5 s, the whole answer longer.
+PACED_TOKENS_PER_S = 5
+
+
 def _experiment(control: str, treatment: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"aliases": [extra.pop("alias")], "control": control, "treatment": treatment or control, **extra}
 
@@ -44,6 +48,7 @@ def mocks(session_dir: Path) -> Iterator[dict[str, MockUpstream]]:
         "flaky": MockUpstream("flaky", session_dir),
         "healthy": MockUpstream("healthy", session_dir, tokens_per_s=0),
         "broken": MockUpstream("broken", session_dir, error_rate=1.0),
+        "paced": MockUpstream("paced", session_dir, tokens_per_s=PACED_TOKENS_PER_S),
     }
     for mock in started.values():
         mock.start()
@@ -64,6 +69,7 @@ def proxy(
         "up-dead-retry": {"base_url": dead, "retries": 2},
         "up-dead": {"base_url": dead},
         "up-idle": {"base_url": f"{mocks['healthy'].url}/v1", "stream_idle_timeout_s": 0.5},
+        "up-paced-idle": {"base_url": f"{mocks['paced'].url}/v1", "stream_idle_timeout_s": 0.5},
         "up-healthy": {"base_url": f"{mocks['healthy'].url}/v1"},
         "up-broken": {"base_url": f"{mocks['broken'].url}/v1"},
         "up-narrow": {"base_url": f"{mocks['healthy'].url}/v1", "max_in_flight": 1},
@@ -74,6 +80,7 @@ def proxy(
         "no-retry": _experiment("flaky-once", alias="no-retry"),
         "dead-retry": _experiment("dead-retry", alias="dead-retry"),
         "idle": _experiment("idle", alias="idle"),
+        "paced-idle": _experiment("paced-idle", alias="paced-idle"),
         "fallback": _experiment("healthy", "broken", alias="fallback", rollout_percent=100, fallback_to_control=True),
         "no-fallback": _experiment("healthy", "broken", alias="no-fallback", rollout_percent=100),
         "fallback-dead": _experiment("healthy", "dead", alias="fallback-dead", rollout_percent=100,
@@ -232,6 +239,19 @@ class TestBrokenStreams:
         eventually(lambda: _check(_metric(http, proxy, "abproxy_upstream_errors_total", experiment="idle",
                                           reason=reason) - before == 1))  # fmt: skip
         eventually(lambda: _check(_event(proxy, response.headers["x-request-id"])["error"] == reason))
+
+    def test_a_stream_longer_than_its_idle_timeout_but_never_that_silent_is_not_cut(
+        self, http: httpx.Client, proxy: ProxyServer
+    ) -> None:
+        """The idle timeout bounds each silence, not the answer: tokens 0.2 s apart for well over 0.5 s."""
+        with http.stream("POST", f"{proxy.url}{CHAT}", json=_body("paced-idle", stream=True)) as response:
+            assert response.status_code == 200
+            text = response.read().decode()
+        events = _sse_events(text)
+        tokens = [e for e in events[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]
+        assert len(tokens) - 1 >= 4, "the answer was too short to outlast the timeout"  # >= 0.8 s of paced gaps
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        eventually(lambda: _check(_event(proxy, response.headers["x-request-id"])["error"] is None))
 
     def test_the_openai_client_raises_on_the_error_event(self, client: openai.OpenAI) -> None:
         stream = client.chat.completions.create(**_body("idle"), stream=True, extra_body={"mock_die_after": 3})
