@@ -537,4 +537,6 @@ def run(
         # waits for this line (tests, scripts) can connect as soon as it appears.
         print(f"mock-upstream {name} listening on http://{host}:{port}", flush=True)
 
-    web.run_app(app, host=host, port=port, access_log=None, print=announce)
+    # A stalled stream (mock_stall_after) sleeps for an hour: on SIGTERM give open answers 1 s, not
+    # aiohttp's 60 (a test's teardown otherwise waits for its kill timeout).
+    web.run_app(app, host=host, port=port, access_log=None, print=announce, shutdown_timeout=1.0)

@@ -31,10 +31,30 @@ def mock(session_dir: Path) -> Iterator[MockUpstream]:
     upstream.stop()
 
 
+@pytest.fixture(scope="module")
+def paced_mock(session_dir: Path) -> Iterator[MockUpstream]:
+    upstream = MockUpstream("idle-watch-paced", session_dir, tokens_per_s=20)  # a token every 50 ms
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+async def _pool_for(upstream: MockUpstream) -> UpstreamPool:
+    upstreams = UpstreamPool({"up": UpstreamConfig(base_url=f"{upstream.url}/v1", stream_idle_timeout_s=TIMEOUT_S)})
+    await upstreams.start()
+    return upstreams
+
+
 @pytest.fixture()
 async def pool(mock: MockUpstream) -> AsyncIterator[UpstreamPool]:
-    upstreams = UpstreamPool({"up": UpstreamConfig(base_url=f"{mock.url}/v1", stream_idle_timeout_s=TIMEOUT_S)})
-    await upstreams.start()
+    upstreams = await _pool_for(mock)
+    yield upstreams
+    await upstreams.stop()
+
+
+@pytest.fixture()
+async def paced(paced_mock: MockUpstream) -> AsyncIterator[UpstreamPool]:
+    upstreams = await _pool_for(paced_mock)
     yield upstreams
     await upstreams.stop()
 
@@ -51,8 +71,9 @@ def _later(seconds: float) -> float:
 async def test_a_silent_stream_is_cut_with_a_timeout_and_its_connection_dropped(pool: UpstreamPool) -> None:
     response = await pool.open_stream("up", PATH, _body(mock_stall_after=1), {})
     assert response.status == 200 and len(pool.idle) == 1
-    first = await response.content.readany()  # the one event sent before the stall
+    first = await response.content.readany()  # the one event sent before the stall: all that will come
     assert first.startswith(b"data: ")
+    pool.idle.check(_later(0))  # the watch sees those bytes now (they may have come after it took the stream)
     pool.idle.check(_later(TIMEOUT_S / 2))
     assert len(pool.idle) == 1, "cut before its timeout"
     pool.idle.check(_later(TIMEOUT_S + 1))
@@ -67,17 +88,19 @@ async def test_a_silent_stream_is_cut_with_a_timeout_and_its_connection_dropped(
     assert protocol.transport is None, "a half-read connection went back to the pool"
 
 
-async def test_bytes_keep_a_stream_alive_and_a_finished_one_is_forgotten(pool: UpstreamPool) -> None:
-    response = await pool.open_stream("up", PATH, _body(), {})
-    pool.idle.check(_later(TIMEOUT_S - 1))  # seen silent from here...
-    assert await response.content.readany()  # ...until bytes arrive, which restart the count
-    pool.idle.check(_later(TIMEOUT_S + 1))
-    assert len(pool.idle) == 1, "a stream that had just sent bytes was cut"
-    text = await asyncio.wait_for(response.read(), 10)
+async def test_bytes_keep_a_stream_alive_and_a_finished_one_is_forgotten(paced: UpstreamPool) -> None:
+    response = await paced.open_stream("up", PATH, _body(), {})
+    paced.idle.check(_later(0))
+    looked_at = response.content.total_bytes
+    while response.content.total_bytes == looked_at:  # bytes that came after that look
+        assert await asyncio.wait_for(response.content.readany(), 10)
+    paced.idle.check(_later(TIMEOUT_S + 1))
+    assert len(paced.idle) == 1, "a stream that had just sent bytes was cut"
+    text = await asyncio.wait_for(response.read(), 30)
     assert text.rstrip().endswith(b"data: [DONE]")
-    pool.idle.check(_later(0))
-    assert len(pool.idle) == 0, "a stream read to its end is still watched"
-    pool.release_stream(response)
+    paced.idle.check(_later(0))
+    assert len(paced.idle) == 0, "a stream read to its end is still watched"
+    paced.release_stream(response)
 
 
 async def test_paused_reading_is_not_silence(pool: UpstreamPool) -> None:
