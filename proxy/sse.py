@@ -68,7 +68,7 @@ class UsageTap:
                 self._pending = data
                 return b""
             complete, self._pending = data[: end + 2], data[end + 2 :]
-        if not self._capture and _READ_WORTHY.search(complete) is None:
+        if self._passes(complete):
             return complete
         kept = [event for event in complete[:-2].split(b"\n\n") if self._keep(event)]
         return b"".join(event + b"\n\n" for event in kept)
@@ -82,8 +82,12 @@ class UsageTap:
     def text(self) -> str | None:
         return "".join(self._parts) if self._capture else None
 
+    def _passes(self, data: bytes) -> bool:
+        """Nothing in `data` for the tap to read: no text to capture, usage, error or finish reason."""
+        return not self._capture and _READ_WORTHY.search(data) is None
+
     def _keep(self, event: bytes) -> bool:
-        if not self._capture and _READ_WORTHY.search(event) is None:
+        if self._passes(event):
             return True
         payload = _data_of(event)
         if payload is None:
