@@ -1,13 +1,18 @@
 """From the store to per-user numbers: what the statistics need, aggregated in the database.
 
-The randomisation unit is the user, so everything is summed per (user, day) in SQL and the rows
-that come back number users x active days, never requests:
+The randomisation unit is the user, so everything is summed per (user, day) and the rows that
+come back number users x active days, never requests:
 
     exposures   each user's first request in the window: variant, and the rollout percent then
     requests    per user and day: requests, errors, empty answers, regenerations, latency, cost
     episodes    per user and day of an episode's first request: episodes, turns
     feedback    request-level: per user, day and metric, the sum and count of values
                 user-level: one value per user and metric (scoped to the experiment, else global)
+    latencies   a uniform sample of the answered requests, per variant (rollup.SAMPLE_SIZE)
+
+Days are UTC days, numbered from the window's first. Each day is read from the rollup when it
+is current there and from the raw rows otherwise (proxy/store/rollup.py): the same
+aggregations, so the same numbers.
 
 A user is analysed in the variant of their first exposure. Raising the rollout moves some
 control users to treatment; their later requests are left out ("crossovers"), since counting
@@ -17,7 +22,7 @@ them in either arm would mix the two treatments in one unit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -27,14 +32,14 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from proxy.store.schema import feedback, requests
+from proxy.store import rollup
+from proxy.store.schema import feedback, requests, rollup_episodes, rollup_feedback, rollup_latency, rollup_requests
 
-DAY_S = 86_400.0
-# A request the user saw fail. 499 is the client leaving, its choice, not the model's failure.
-CLIENT_CLOSED = 499
+DAY_S = float(rollup.DAY_S)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,13 @@ class Window:
     @property
     def days(self) -> float:
         return max(self.until - self.since, 0.0) / DAY_S
+
+    @property
+    def utc_days(self) -> int:
+        """The UTC days the window touches (at least one)."""
+        if self.until <= self.since:
+            return 1
+        return rollup.utc_day(math.nextafter(self.until, -math.inf)) - rollup.utc_day(self.since) + 1
 
 
 @dataclass(slots=True)
@@ -71,7 +83,7 @@ class Dataset:
     requests: dict[str, Observations] = field(default_factory=dict)  # error, empty_response, latency, ...
     request_feedback: dict[str, Observations] = field(default_factory=dict)
     user_feedback: dict[str, Observations] = field(default_factory=dict)  # den == 1, one row per user
-    latency_ms: dict[str, FloatArray] = field(default_factory=dict)  # variant -> successful requests
+    latency_ms: dict[str, FloatArray] = field(default_factory=dict)  # variant -> sampled answered requests
     ttft_ms: dict[str, FloatArray] = field(default_factory=dict)
     requests_by_variant: dict[str, int] = field(default_factory=dict)
     unidentified_requests: int = 0
@@ -80,316 +92,272 @@ class Dataset:
     @property
     def looks(self) -> int:
         """Daily looks over the window, the last one at its end: every observation is in one."""
-        return max(math.ceil(self.window.days), 1)
+        return self.window.utc_days
 
 
-def _day(conn: Connection, ts: Any, since: float) -> Any:
-    """Whole days since the window opened. PostgreSQL's CAST rounds, SQLite's truncates."""
-    offset = (ts - since) / DAY_S
-    if conn.dialect.name == "postgresql":
-        return sa.cast(sa.func.floor(offset), sa.BigInteger)
-    return sa.cast(offset, sa.Integer)
+def load(conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float) -> Dataset:
+    plan = rollup.plan(conn, experiment, window.since, window.until, regeneration_window_s)
+    reader = _Reader(conn, experiment, window, plan)
+    groups = reader.columns(rollup_requests, rollup.request_groups(conn, experiment, plan.live, regeneration_window_s))
+    _, day, user_hash, variant, percent, first_ts, n, failed, empty, answered, latency, cost, regenerated = groups
+    users = sorted({user for user in user_hash if user is not None})
+    reader.index = {user: i for i, user in enumerate(users)}
+    user = reader.user_index(user_hash)
+    treated_row = np.array([v == "treatment" for v in variant], dtype=np.bool_)
+    days = np.array(day, dtype=np.int64) - reader.day0
+    first = _first_rows(user, np.array(first_ts, dtype=np.float64))
+    data = Dataset(
+        window=window,
+        users=users,
+        treatment=treated_row[first.rows],
+        first_day=days[first.rows],
+        expected_treatment=np.array([(p or 0.0) / 100.0 for p in percent], dtype=np.float64)[first.rows],
+    )
+    reader.decide_ties(data, first.tied)
+    reader.data = data
+    counts = _floats(n)
+    variants = np.array(variant, dtype=object)
+    data.requests_by_variant = {v: int(counts[variants == v].sum()) for v in sorted(set(variant))}
+    data.unidentified_requests = int(counts[user < 0].sum())
+    member = reader.members(user, treated_row)
+    data.crossover_users = int(np.unique(user[(user >= 0) & ~member]).size)
+    for name, num, den in (
+        ("error", failed, n),
+        ("empty_response", empty, n),
+        ("latency_mean", latency, answered),
+        ("cost_per_query", cost, n),
+        ("regenerated", regenerated, n),
+    ):
+        data.requests[name] = _observations(user, days, _floats(num), _floats(den), member)
+    reader.episodes()
+    reader.request_feedback()
+    reader.user_feedback()
+    reader.latencies(sorted(set(variant)))
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstRows:
+    rows: IntArray  # per user: the row holding their earliest request
+    tied: IntArray  # users with two rows at that earliest ts
+
+
+def _first_rows(user: IntArray, first_ts: FloatArray) -> _FirstRows:
+    """Each user's first exposure among rows already grouped per (user, variant, percent, day).
+
+    A sort of those rows (users x days), not of the window's requests. Two rows of one user at the
+    same earliest `ts` (two variants or percents at one instant) are a tie for `decide_ties`.
+    """
+    known = np.flatnonzero(user >= 0)
+    if known.size == 0:
+        return _FirstRows(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    order = known[np.lexsort((first_ts[known], user[known]))]
+    sorted_user, sorted_ts = user[order], first_ts[order]
+    starts = np.flatnonzero(np.r_[True, sorted_user[1:] != sorted_user[:-1]])
+    following = starts + 1
+    has_next = following < order.size
+    tied = np.zeros(starts.size, dtype=np.bool_)
+    nxt = following[has_next]
+    head = starts[has_next]
+    tied[has_next] = (sorted_user[nxt] == sorted_user[head]) & (sorted_ts[nxt] == sorted_ts[head])
+    return _FirstRows(order[starts], sorted_user[starts[tied]])
+
+
+def _floats(values: Sequence[float | None]) -> FloatArray:
+    """A column as floats, a NULL sum (no request had a value) as 0."""
+    return np.nan_to_num(np.array(values, dtype=np.float64), nan=0.0)
+
+
+def _observations(user: IntArray, day: IntArray, num: FloatArray, den: FloatArray, keep: BoolArray) -> Observations:
+    return Observations(user[keep], day[keep], num[keep], den[keep])
+
+
+class _Reader:
+    """One load's reads: each part from the rolled-up days and the live spans, as numpy columns."""
+
+    def __init__(self, conn: Connection, experiment: str, window: Window, plan: rollup.Plan) -> None:
+        self.conn, self.experiment, self.window, self.plan = conn, experiment, window, plan
+        self.day0 = rollup.utc_day(window.since)
+        self.index: dict[str, int] = {}
+        self.data: Dataset | None = None
+
+    # -- reading ------------------------------------------------------------------------------
+    def parts(self, table: sa.Table, live: sa.Select[Any]) -> list[sa.Select[Any]]:
+        """The rolled-up days' rows of `table` and the live aggregation, in the same columns."""
+        parts: list[sa.Select[Any]] = []
+        if self.plan.rolled:
+            t = table.c
+            rolled = sa.select(*(t[c.name] for c in live.selected_columns))
+            parts.append(rolled.where(t.experiment == self.experiment, t.day.in_(self.plan.rolled)))
+        if self.plan.live:
+            parts.append(live)
+        return parts
+
+    def columns(self, table: sa.Table, live: sa.Select[Any]) -> list[list[Any]]:
+        return self.fetch(self.parts(table, live), len(live.selected_columns))
+
+    def fetch(self, selects: Sequence[sa.Select[Any]], width: int) -> list[list[Any]]:
+        """The rows of all `selects` (same columns), as one list per column.
+
+        The DBAPI cursor's tuples, not SQLAlchemy's Row objects, and a list per column (zip(*rows)
+        would build a tuple per row): at 10M requests a report reads about a million rows.
+        """
+        rows: list[Sequence[Any]] = []
+        for select in selects:
+            result = self.conn.execute(select)
+            cursor = result.cursor
+            try:
+                while chunk := cursor.fetchmany(_FETCH_ROWS):
+                    rows.extend(chunk)
+            finally:
+                result.close()
+        return [[row[k] for row in rows] for k in range(width)]
+
+    def user_index(self, user_hash: Sequence[str | None]) -> IntArray:
+        """Each row's user index; -1 for no identified user (or one with no request in the window)."""
+        # dict.get over the column: C-level work per row, None (no user) as -1 like any unknown.
+        index: dict[str | None, int] = self.index  # type: ignore[assignment]
+        return np.fromiter(map(index.get, user_hash, repeat(-1)), np.int64, len(user_hash))
+
+    def members(self, user: IntArray, treated_row: BoolArray) -> BoolArray:
+        """Rows of a user in the arm of their first exposure; a crossover's other rows are not."""
+        assert self.data is not None
+        known = user >= 0
+        member = known.copy()
+        member[known] = self.data.treatment[user[known]] == treated_row[known]
+        return member
+
+    def rows_of(self, user_hash: Sequence[str | None], variant: Sequence[str]) -> tuple[IntArray, BoolArray]:
+        user = self.user_index(user_hash)
+        return user, self.members(user, np.array([v == "treatment" for v in variant], dtype=np.bool_))
+
+    # -- the parts ----------------------------------------------------------------------------
+    def decide_ties(self, data: Dataset, tied: IntArray) -> None:
+        """A user's rows tied at their earliest `ts`: the lowest request id decides, as
+        ROW_NUMBER() OVER (ORDER BY ts, request_id) did. Rare: those users' requests are read."""
+        r = requests.c
+        names = [data.users[u] for u in tied.tolist()]
+        for i in range(0, len(names), _TIE_CHUNK):
+            chunk = names[i : i + _TIE_CHUNK]
+            rows = self.conn.execute(
+                sa.select(r.user_hash, r.variant, r.rollout_percent)
+                .where(*_in_window(self.experiment, self.window), r.user_hash.in_(chunk))
+                .order_by(r.ts, r.request_id)
+            ).all()  # fmt: skip
+            decided: set[str] = set()
+            for user_hash, variant, percent in rows:
+                if user_hash not in decided:  # the user's first row in (ts, request id) order
+                    decided.add(user_hash)
+                    u = self.index[user_hash]
+                    data.treatment[u] = variant == "treatment"
+                    data.expected_treatment[u] = (percent or 0.0) / 100.0
+
+    def episodes(self) -> None:
+        """Turns per episode, an episode on the day of its first request in the window: its
+        fragments (one per day) are summed across days in the database."""
+        assert self.data is not None
+        live = rollup.episode_fragments(self.conn, self.experiment, self.plan.live)
+        parts = self.parts(rollup_episodes, live)
+        if not parts:
+            self.data.requests["turns_per_episode"] = Observations.empty()
+            return
+        fragments = sa.union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
+        f = fragments.c
+        per_episode = (
+            sa.select(f.user_hash, f.variant, sa.func.min(f.started).label("started"),
+                      sa.func.sum(f.turns).label("turns"))
+            .group_by(f.user_hash, f.variant, f.episode_id)
+            .subquery()
+        )  # fmt: skip
+        e = per_episode.c
+        day = rollup.day_of(self.conn, e.started).label("day")
+        select = sa.select(e.user_hash, e.variant, day, sa.func.count(), sa.func.sum(e.turns)).group_by(
+            e.user_hash, e.variant, day
+        )
+        user_hash, variant, days, episodes, turns = self.fetch([select], 5)
+        user, member = self.rows_of(user_hash, variant)
+        self.data.requests["turns_per_episode"] = _observations(
+            user, np.array(days, dtype=np.int64) - self.day0, _floats(turns), _floats(episodes), member
+        )
+
+    def request_feedback(self) -> None:
+        assert self.data is not None
+        live = rollup.feedback_groups(self.conn, self.experiment, self.plan.live)
+        _, day, user_hash, variant, metric, total, count = self.columns(rollup_feedback, live)
+        user, member = self.rows_of(user_hash, variant)
+        days, num, den = np.array(day, dtype=np.int64) - self.day0, _floats(total), _floats(count)
+        metrics = np.array(metric, dtype=object)
+        self.data.request_feedback = {
+            name: _observations(user, days, num, den, member & (metrics == name)) for name in sorted(set(metric))
+        }
+
+    def user_feedback(self) -> None:
+        assert self.data is not None
+        data, fb = self.data, feedback.c
+        rows = self.conn.execute(
+            sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(self.conn, fb.ts)).where(
+                fb.level == "user",
+                sa.or_(fb.experiment == self.experiment, fb.experiment.is_(None)),
+                fb.ts < self.window.until,
+            )
+        ).all()
+        # A value scoped to this experiment beats one sent for the user in general.
+        chosen: dict[tuple[str, int], tuple[bool, float, int]] = {}
+        for user_hash, metric, value, scoped_to, day in rows:
+            user = self.index.get(user_hash)
+            if user is None:
+                continue
+            scoped = scoped_to is not None
+            key = (metric, user)
+            if key not in chosen or (scoped and not chosen[key][0]):
+                chosen[key] = (scoped, float(value), max(int(day) - self.day0, int(data.first_day[user])))
+        by_metric: dict[str, tuple[list[int], list[int], list[float]]] = {}
+        for (metric, user), (_scoped, value, day) in sorted(chosen.items()):
+            users, days, values = by_metric.setdefault(metric, ([], [], []))
+            users.append(user)
+            days.append(day)
+            values.append(value)
+        data.user_feedback = {
+            metric: Observations(np.array(users, dtype=np.int64), np.array(days, dtype=np.int64),
+                                 np.array(values, dtype=np.float64), np.ones(len(values)))
+            for metric, (users, days, values) in by_metric.items()
+        }  # fmt: skip
+
+    def latencies(self, variants: list[str]) -> None:
+        """Per variant, the window's latency sample (rollup.SAMPLE_SIZE lowest sample keys of its
+        answered requests, from the rolled-up days' samples and the live spans'), crossovers left out."""
+        assert self.data is not None
+        lat = rollup_latency.c
+        size = rollup.SAMPLE_SIZE
+        rows: list[Sequence[Any]] = []
+        if self.plan.rolled:
+            for variant in variants:
+                rows += self.conn.execute(
+                    sa.select(lat.variant, lat.sample_key, lat.request_id, lat.user_hash, lat.latency_ms, lat.ttft_ms)
+                    .where(lat.experiment == self.experiment, lat.variant == variant, lat.day.in_(self.plan.rolled))
+                    .order_by(lat.sample_key, lat.request_id)
+                    .limit(size)
+                ).all()  # fmt: skip
+        if self.plan.live:
+            s = rollup.latency_sample(self.conn, self.experiment, self.plan.live, size).subquery().c
+            rows += self.conn.execute(
+                sa.select(s.variant, s.sample_key, s.request_id, s.user_hash, s.latency_ms, s.ttft_ms)
+            ).all()
+        # Python orders str by code point, as both back-ends order the key (rollup.sample_key).
+        rows.sort(key=lambda row: (row[0], row[1], row[2]))
+        self.data.latency_ms, self.data.ttft_ms = {}, {}
+        for variant in ("control", "treatment"):
+            mine = [row for row in rows if row[0] == variant][:size]
+            _, member = self.rows_of([row[3] for row in mine], [variant] * len(mine))
+            latency = np.array([row[4] for row in mine], dtype=np.float64)[member]
+            ttft = np.array([row[5] for row in mine], dtype=np.float64)[member]
+            self.data.latency_ms[variant] = latency
+            self.data.ttft_ms[variant] = ttft[~np.isnan(ttft)]
 
 
 def _in_window(experiment: str, window: Window) -> list[Any]:
     return [requests.c.experiment == experiment, requests.c.ts >= window.since, requests.c.ts < window.until]
 
 
-def load(conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float) -> Dataset:
-    scope = _in_window(experiment, window)
-    first = _first_exposures(conn, scope, window)
-    users = [row[0] for row in first]
-    index = {user: i for i, user in enumerate(users)}
-    data = Dataset(
-        window=window,
-        users=users,
-        treatment=np.array([row[1] == "treatment" for row in first], dtype=np.bool_),
-        first_day=np.array([row[3] for row in first], dtype=np.int64),
-        expected_treatment=np.array([(row[2] or 0.0) / 100.0 for row in first], dtype=np.float64),
-    )
-    data.unidentified_requests = int(
-        conn.execute(sa.select(sa.func.count()).where(*scope, requests.c.user_hash.is_(None))).scalar_one()
-    )
-    _load_requests(conn, data, index, scope, regeneration_window_s)
-    _load_episodes(conn, data, index, scope)
-    _load_request_feedback(conn, data, index, scope)
-    _load_user_feedback(conn, data, index, experiment, window)
-    _load_latencies(conn, data, index, scope)
-    return data
-
-
-def _first_exposures(conn: Connection, scope: list[Any], window: Window) -> list[tuple[str, str, float | None, int]]:
-    """Each identified user's first request in the window: (user hash, variant, rollout percent, day),
-    by user hash as the database orders it; the first is the earliest `ts`, then the lowest request id.
-
-    One hash aggregate, not a window function: the earliest `ts` per (user, variant, rollout percent)
-    is a GROUP BY with min(), which needs no sort of the window's requests (row_number() over users
-    sorted them all, or walked an index in user order with a random read per request: a minute at 10M
-    requests on PostgreSQL). The group holding a user's earliest `ts` is their first exposure: its
-    variant and percent. Only when two groups of one user share that earliest `ts` does the request
-    id decide, and those users' requests at that instant are read to decide it as row_number() did.
-    """
-    r = requests.c
-    groups = conn.execute(
-        sa.select(r.user_hash, r.variant, r.rollout_percent, sa.func.min(r.ts).label("first_ts"),
-                  _day(conn, sa.func.min(r.ts), window.since))
-        .where(*scope, r.user_hash.is_not(None))
-        .group_by(r.user_hash, r.variant, r.rollout_percent)
-        .order_by(r.user_hash)
-    ).all()  # fmt: skip
-    first: dict[str, tuple[str, float | None, int, float]] = {}  # user -> variant, percent, day, ts
-    tied: set[str] = set()
-    for user_hash, variant, percent, ts, day in groups:
-        seen = first.get(user_hash)
-        if seen is None or ts < seen[3]:
-            first[user_hash] = (variant, percent, day, ts)
-            tied.discard(user_hash)
-        elif ts == seen[3]:
-            tied.add(user_hash)
-    ties = sorted(tied)
-    for i in range(0, len(ties), _TIE_CHUNK):
-        chunk = ties[i : i + _TIE_CHUNK]
-        earliest = {user: first[user][3] for user in chunk}
-        rows = conn.execute(
-            sa.select(r.user_hash, r.ts, r.variant, r.rollout_percent)
-            .where(*scope, r.user_hash.in_(chunk))
-            .order_by(r.ts, r.request_id)
-        ).all()  # fmt: skip
-        for user_hash, ts, variant, percent in rows:
-            if earliest.pop(user_hash, None) == ts:  # the user's first row in (ts, request id) order
-                first[user_hash] = (variant, percent, first[user_hash][2], ts)
-    # dicts keep insertion order: the users in the database's user_hash order, as before.
-    return [(user, variant, percent, day) for user, (variant, percent, day, _ts) in first.items()]
-
-
-_TIE_CHUNK = 500
-
-
-def _arm_member(data: Dataset, index: Mapping[str, int]) -> Callable[[str, str], int | None]:
-    """user hash, variant -> the user's index, or None for a crossover's request (or an unknown user)."""
-
-    def member(user_hash: str, variant: str) -> int | None:
-        user = index.get(user_hash)
-        if user is None or bool(data.treatment[user]) != (variant == "treatment"):
-            return None
-        return user
-
-    return member
-
-
-def _observations(users: list[int], days: list[int], num: list[float], den: list[float]) -> Observations:
-    return Observations(
-        np.array(users, dtype=np.int64),
-        np.array(days, dtype=np.int64),
-        np.array(num, dtype=np.float64),
-        np.array(den, dtype=np.float64),
-    )
-
-
-def _load_requests(
-    conn: Connection, data: Dataset, index: Mapping[str, int], scope: list[Any], regeneration_window_s: float
-) -> None:
-    r = requests.c
-    next_same_prompt = sa.func.lead(r.ts).over(partition_by=(r.user_hash, r.prompt_hash), order_by=r.ts)
-    flagged = (
-        sa.select(
-            r.user_hash,
-            r.variant,
-            r.ts,
-            r.status,
-            r.error,
-            r.completion_tokens,
-            r.endpoint,
-            r.latency_ms,
-            r.cost_usd,
-            sa.case(
-                (sa.and_(r.prompt_hash.is_not(None), next_same_prompt - r.ts <= regeneration_window_s), 1), else_=0
-            ).label("regenerated"),
-        )
-        .where(*scope)
-        .subquery()
-    )
-    f = flagged.c
-    ok = f.status == 200
-    # A 200 with an error is a failure the client did not see as one: a stream broken off with an
-    # in-band error event, or a treatment call answered by the control (fallback_to_control).
-    failed = sa.or_(sa.and_(f.status != 200, f.status != CLIENT_CLOSED), sa.and_(ok, f.error.is_not(None)))
-    empty = sa.and_(ok, f.completion_tokens == 0, f.endpoint != "embeddings")
-    rows = conn.execute(
-        sa.select(
-            f.user_hash,
-            f.variant,
-            _day(conn, f.ts, data.window.since).label("day"),
-            sa.func.count(),
-            sa.func.sum(sa.case((failed, 1), else_=0)),
-            sa.func.sum(sa.case((empty, 1), else_=0)),
-            sa.func.sum(sa.case((ok, 1), else_=0)),
-            sa.func.sum(sa.case((ok, f.latency_ms), else_=0.0)),
-            sa.func.sum(f.cost_usd),
-            sa.func.sum(f.regenerated),
-        ).group_by(f.user_hash, f.variant, "day")
-    ).all()
-    cols: dict[str, tuple[list[float], list[float]]] = {
-        name: ([], []) for name in ("error", "empty_response", "latency_mean", "cost_per_query", "regenerated")
-    }
-    users: list[int] = []
-    days: list[int] = []
-    crossed: set[str] = set()
-    member_of = _arm_member(data, index)
-    for user_hash, variant, day, n, errors, empties, oks, latency, cost, regenerated in rows:
-        data.requests_by_variant[variant] = data.requests_by_variant.get(variant, 0) + n
-        if user_hash is None:
-            continue
-        user = member_of(user_hash, variant)
-        if user is None:
-            crossed.add(user_hash)
-            continue
-        users.append(user)
-        days.append(day)
-        for name, (num, den) in (
-            ("error", (errors, n)),
-            ("empty_response", (empties, n)),
-            ("latency_mean", (latency, oks)),
-            ("cost_per_query", (cost, n)),
-            ("regenerated", (regenerated, n)),
-        ):
-            cols[name][0].append(float(num or 0))
-            cols[name][1].append(float(den or 0))
-    data.crossover_users = len(crossed)
-    for name, (num, den) in cols.items():
-        data.requests[name] = _observations(users, days, num, den)
-
-
-def _load_episodes(conn: Connection, data: Dataset, index: Mapping[str, int], scope: list[Any]) -> None:
-    r = requests.c
-    per_episode = (
-        sa.select(r.user_hash, r.variant, sa.func.min(r.ts).label("started"), sa.func.count().label("turns"))
-        .where(*scope, r.user_hash.is_not(None), r.episode_id.is_not(None))
-        .group_by(r.user_hash, r.variant, r.episode_id)
-        .subquery()
-    )
-    e = per_episode.c
-    rows = conn.execute(
-        sa.select(
-            e.user_hash,
-            e.variant,
-            _day(conn, e.started, data.window.since).label("day"),
-            sa.func.count(),
-            sa.func.sum(e.turns),
-        ).group_by(e.user_hash, e.variant, "day")
-    ).all()
-    users, days, num, den = [], [], [], []
-    member_of = _arm_member(data, index)
-    for user_hash, variant, day, episodes, turns in rows:
-        user = member_of(user_hash, variant)
-        if user is not None:
-            users.append(user)
-            days.append(day)
-            num.append(float(turns))
-            den.append(float(episodes))
-    data.requests["turns_per_episode"] = _observations(users, days, num, den)
-
-
-def _load_request_feedback(conn: Connection, data: Dataset, index: Mapping[str, int], scope: list[Any]) -> None:
-    r, fb = requests.c, feedback.c
-    rows = conn.execute(
-        sa.select(
-            r.user_hash,
-            r.variant,
-            _day(conn, r.ts, data.window.since).label("day"),
-            fb.metric,
-            sa.func.sum(fb.value),
-            sa.func.count(),
-        )
-        .select_from(feedback.join(requests, fb.request_id == r.request_id))
-        .where(*scope, fb.level == "request", r.user_hash.is_not(None))
-        .group_by(r.user_hash, r.variant, "day", fb.metric)
-    ).all()
-    by_metric: dict[str, tuple[list[int], list[int], list[float], list[float]]] = {}
-    member_of = _arm_member(data, index)
-    for user_hash, variant, day, metric, total, count in rows:
-        user = member_of(user_hash, variant)
-        if user is None:
-            continue
-        users, days, num, den = by_metric.setdefault(metric, ([], [], [], []))
-        users.append(user)
-        days.append(day)
-        num.append(float(total))
-        den.append(float(count))
-    data.request_feedback = {metric: _observations(*cols) for metric, cols in by_metric.items()}
-
-
-def _load_user_feedback(
-    conn: Connection, data: Dataset, index: Mapping[str, int], experiment: str, window: Window
-) -> None:
-    fb = feedback.c
-    rows = conn.execute(
-        sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, _day(conn, fb.ts, window.since)).where(
-            fb.level == "user",
-            sa.or_(fb.experiment == experiment, fb.experiment.is_(None)),
-            fb.ts < window.until,
-        )
-    ).all()
-    # A value scoped to this experiment beats one sent for the user in general.
-    chosen: dict[tuple[str, int], tuple[bool, float, int]] = {}
-    for user_hash, metric, value, scoped_to, day in rows:
-        user = index.get(user_hash)
-        if user is None:
-            continue
-        scoped = scoped_to is not None
-        key = (metric, user)
-        if key not in chosen or (scoped and not chosen[key][0]):
-            chosen[key] = (scoped, float(value), max(int(day), int(data.first_day[user])))
-    by_metric: dict[str, tuple[list[int], list[int], list[float], list[float]]] = {}
-    for (metric, user), (_scoped, value, day) in sorted(chosen.items()):
-        users, days, num, den = by_metric.setdefault(metric, ([], [], [], []))
-        users.append(user)
-        days.append(day)
-        num.append(value)
-        den.append(1.0)
-    data.user_feedback = {metric: _observations(*cols) for metric, cols in by_metric.items()}
-
-
-def _load_latencies(conn: Connection, data: Dataset, index: Mapping[str, int], scope: list[Any]) -> None:
-    """Every answered request's latency (and TTFT), per variant, crossovers left out.
-
-    The one query whose rows number requests, not users: the latency guardrails' percentiles are
-    exact over all of them (`stats.percentile_bootstrap`). So its rows skip SQLAlchemy's Row objects
-    (the DBAPI cursor's tuples, in C) and Python's per-row loop: each column becomes a numpy array
-    and the crossover test one vectorised comparison. Same rows, same order, same arrays as a loop
-    over them would build, at a fraction of the cost (10M requests: seconds, not tens of seconds).
-    """
-    r = requests.c
-    # The variant as 1 (treatment), 0 (control) or -1 (neither): compared as integers, not strings.
-    arm = sa.case((r.variant == "treatment", 1), (r.variant == "control", 0), else_=-1)
-    result = conn.execute(sa.select(r.user_hash, arm, r.latency_ms, r.ttft_ms).where(*scope, r.status == 200))
-    cursor = result.cursor
-    chunks: list[Sequence[Any]] = []
-    try:
-        while rows := cursor.fetchmany(_FETCH_ROWS):
-            chunks.append(rows)
-    finally:
-        result.close()
-    rows = [row for chunk in chunks for row in chunk]
-    del chunks
-    # A list per column (zip(*rows) would build a tuple per row: 7x slower on a million rows).
-    hashes, arms, latencies, ttfts = ([row[k] for row in rows] for k in range(4))
-    del rows
-    # Per row only C-level work (map over dict.get, numpy conversions): None becomes -1 (no user,
-    # never a member) or NaN (no value), as the loop it replaces skipped them.
-    user = np.fromiter(map(index.get, hashes, repeat(-1)), np.int64, len(hashes))
-    treated = np.array(arms, dtype=np.int8)
-    known = (user >= 0) & (treated >= 0)
-    member = known.copy()
-    member[known] = data.treatment[user[known]] == (treated[known] == 1)
-    latency = np.array(latencies, dtype=np.float64)
-    ttft = np.array(ttfts, dtype=np.float64)
-    data.latency_ms, data.ttft_ms = {}, {}
-    for variant, flag in (("control", 0), ("treatment", 1)):
-        mine = member & (treated == flag)
-        data.latency_ms[variant] = latency[mine]
-        ttft_mine = ttft[mine]
-        data.ttft_ms[variant] = ttft_mine[~np.isnan(ttft_mine)]
-
-
 _FETCH_ROWS = 100_000
+_TIE_CHUNK = 500

@@ -50,6 +50,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
+from proxy.store import rollup
 from proxy.store.schema import comparisons, feedback, requests
 
 if TYPE_CHECKING:
@@ -168,8 +169,10 @@ def prepare(event: dict[str, Any]) -> Prepared:
 
 
 class Store:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, regeneration_window_s: float = 120.0) -> None:
         self.engine = engine
+        # Which days a write changes (rollup.days_of_requests): the report's regeneration window.
+        self.regeneration_window_s = regeneration_window_s
         # The two dialects' INSERT constructs share the on_conflict_* API.
         postgres = engine.dialect.name == "postgresql"
         self._insert: Callable[[Table], Any] = postgresql.insert if postgres else sqlite.insert
@@ -208,6 +211,12 @@ class Store:
                 result.requests_inserted = self._bulk(connection, _REQUESTS, list(request_rows.values()))
             if feedback_rows:
                 result.feedback_written = self._bulk(connection, _FEEDBACK, list(feedback_rows.values()))
+            # The days these rows change are no longer current in the report's rollup.
+            changed = rollup.days_of_requests(request_rows.values(), self.regeneration_window_s)
+            about = [row["request_id"] for row in feedback_rows.values() if row["level"] == "request"]
+            if about:
+                changed |= rollup.days_of_feedback(connection, about)
+            rollup.mark_written(connection, changed, self._insert)
             if pair_rows:
                 statement = self._insert(comparisons).on_conflict_do_nothing(index_elements=["content_hash"])
                 result.pairs_added = _executemany(connection, statement, list(pair_rows.values()))

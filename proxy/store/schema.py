@@ -85,6 +85,87 @@ feedback = Table(
     Index(None, "user_hash"),
 )
 
+# -- the report's rollup (proxy/store/rollup.py) ---------------------------------------------
+# What `abproxy report` reads instead of the raw rows for a UTC day that is over: the day's
+# requests aggregated per user, the fragments of its episodes, its request feedback, and a
+# sample of its latencies. Each day is rebuilt from the raw rows as a whole (never patched), so
+# these tables hold no fact of their own; `rollup_days` says which days are current.
+
+rollup_days = Table(
+    "rollup_days",
+    metadata,
+    Column("experiment", String(128), primary_key=True),
+    Column("day", Integer, primary_key=True),  # floor(ts / 86400): the UTC day
+    Column("gen", Integer, nullable=False),  # bumped by every write that touches the day
+    Column("built_gen", Integer),  # gen as the last build read it; current when equal
+    Column("built_window_s", Float),  # the regeneration window the build counted with
+    Column("built_sample", Integer),  # the latency sample's size per variant
+    Column("built_at", Float),
+    Column("first_ts", Float),  # the day's earliest and latest request when built
+    Column("last_ts", Float),
+)
+
+rollup_requests = Table(
+    "rollup_requests",
+    metadata,
+    Column("experiment", String(128), nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("user_hash", String(64)),
+    Column("variant", String(16), nullable=False),
+    Column("rollout_percent", Float),
+    Column("first_ts", Float, nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("empty", Integer, nullable=False),
+    Column("answered", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),  # sum over the answered
+    Column("cost_usd", Float),  # sum; null when no request had a cost
+    Column("regenerated", Integer, nullable=False),
+    Index(None, "experiment", "day"),
+)
+
+rollup_episodes = Table(
+    "rollup_episodes",
+    metadata,
+    Column("experiment", String(128), nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("user_hash", String(64), nullable=False),
+    Column("variant", String(16), nullable=False),
+    Column("episode_id", String(256), nullable=False),
+    Column("started", Float, nullable=False),  # the episode's first request that day
+    Column("turns", Integer, nullable=False),
+    Index(None, "experiment", "day"),
+)
+
+rollup_feedback = Table(
+    "rollup_feedback",
+    metadata,
+    Column("experiment", String(128), nullable=False),
+    Column("day", Integer, nullable=False),  # the day of the request the feedback is about
+    Column("user_hash", String(64), nullable=False),
+    Column("variant", String(16), nullable=False),
+    Column("metric", String(64), nullable=False),
+    Column("total", Float, nullable=False),
+    Column("count", Integer, nullable=False),
+    Index(None, "experiment", "day"),
+)
+
+rollup_latency = Table(
+    "rollup_latency",
+    metadata,
+    Column("experiment", String(128), nullable=False),
+    Column("variant", String(16), nullable=False),
+    Column("day", Integer, nullable=False),
+    # Ordered by code point on both back-ends (PostgreSQL: the "C" collation), see rollup.sample_key.
+    Column("sample_key", String(128).with_variant(String(128, collation="C"), "postgresql"), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("user_hash", String(64)),
+    Column("latency_ms", Float),
+    Column("ttft_ms", Float),
+    Index(None, "experiment", "variant", "sample_key", "request_id"),
+    Index(None, "experiment", "day"),
+)
+
 # -- blind human comparison (proxy/humaneval) -------------------------------------------------
 # A comparison is one prompt with two or more models' answers. A study hands comparisons to
 # evaluators as tasks; a task fixes which model is shown as A (left) and which as B, and that

@@ -1,0 +1,334 @@
+"""The report's rollup: each UTC day's requests aggregated once, so a report reads users x days, not requests.
+
+`abproxy report` on 10M stored requests spent minutes reading them five times (bench scenario 7).
+A day that is over changes only when late events arrive, so its aggregates are kept:
+
+    rollup_requests   per (user, variant, rollout percent): requests, failures, empties, answered,
+                      their latency sum, cost, regenerations, and the earliest request
+    rollup_episodes   per (user, variant, episode): the episode's turns that day, its first request
+    rollup_feedback   per (user, variant, metric): request-level feedback on the day's requests
+    rollup_latency    per variant: the day's answered requests with the lowest sample keys
+
+The aggregations are the functions below, and the same ones run over the raw rows for whatever
+part of a report's window is not rolled up (today, a day that changed since its build, a day the
+window cuts): rolled up or not, a report reads the same numbers. A day is rebuilt whole from the
+raw rows, never patched, so a late or redelivered event cannot make the rollup drift.
+
+Which days are current, in `rollup_days`: every write that stores a request or request feedback
+bumps its day's `gen` (`mark_written`, in the writer's transaction); a build records the `gen` it
+read before aggregating. A day is current when the two are equal and it was built with the
+report's regeneration window and sample size. A write that lands while a build runs bumps `gen`
+past what the build read, so the day is rebuilt, never wrongly taken as current.
+
+A regeneration is a request whose same prompt the same user sent again within the regeneration
+window: its next request may be on the next day (or after the window's end), so a day is built
+only once the window has passed after its end, and a request in the first window of a day marks
+the day before too.
+
+The latency sample (hand-written: no library keeps a mergeable sample in SQL): percentiles over
+every answered request would read them all. Instead each day keeps, per variant, the SAMPLE_SIZE
+answered requests with the lowest sample key (the request id after its first 8 characters: the
+proxy's ids start with their issue time, then random bytes), and a window's sample is the
+SAMPLE_SIZE lowest of its days': a uniform random sample of the window's answered requests, the
+same one whichever days are rolled up, and all of them when there are fewer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from proxy.store.schema import (
+    feedback,
+    requests,
+    rollup_days,
+    rollup_episodes,
+    rollup_feedback,
+    rollup_latency,
+    rollup_requests,
+)
+
+DAY_S = 86_400
+SAMPLE_SIZE = 100_000  # answered requests per variant in a window's latency sample
+# A request the user saw fail. 499 is the client leaving, its choice, not the model's failure.
+CLIENT_CLOSED = 499
+
+
+def utc_day(ts: float) -> int:
+    return math.floor(ts / DAY_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Half-open [since, until) in unix seconds."""
+
+    since: float
+    until: float
+
+
+def day_of(conn: Connection, ts: Any) -> Any:
+    """The UTC day of `ts` in SQL. PostgreSQL's CAST rounds, SQLite's truncates (ts >= 0)."""
+    if conn.dialect.name == "postgresql":
+        return sa.cast(sa.func.floor(ts / DAY_S), sa.Integer)
+    return sa.cast(ts / DAY_S, sa.Integer)
+
+
+def sample_key(conn: Connection, request_id: Any) -> Any:
+    """The request id past its time prefix, ordered by code point on both back-ends."""
+    key = sa.func.substr(request_id, 9)
+    return sa.collate(key, "C") if conn.dialect.name == "postgresql" else key
+
+
+def _within(ts: Any, spans: Sequence[Span], extend_s: float = 0.0) -> Any:
+    return sa.or_(sa.false(), *(sa.and_(ts >= span.since, ts < span.until + extend_s) for span in spans))
+
+
+# -- the aggregations: a day's build and a report's live part ----------------------------------
+
+
+def request_groups(conn: Connection, experiment: str, spans: Sequence[Span], window_s: float) -> sa.Select[Any]:
+    """rollup_requests' columns, experiment first, over the requests in `spans`."""
+    r = requests.c
+    next_same_prompt = sa.func.lead(r.ts).over(partition_by=(r.user_hash, r.prompt_hash), order_by=r.ts)
+    # The next request with the same prompt may lie past the spans: the rows read reach window_s further.
+    flagged = (
+        sa.select(
+            r.user_hash, r.variant, r.rollout_percent, r.ts, r.status, r.error, r.completion_tokens, r.endpoint,
+            r.latency_ms, r.cost_usd,
+            sa.case((sa.and_(r.prompt_hash.is_not(None), next_same_prompt - r.ts <= window_s), 1),
+                    else_=0).label("regenerated"),
+        )
+        .where(r.experiment == experiment, _within(r.ts, spans, window_s))
+        .subquery()
+    )  # fmt: skip
+    f = flagged.c
+    ok = f.status == 200
+    # A 200 with an error is a failure the client did not see as one: a stream broken off with an
+    # in-band error event, or a treatment call answered by the control (fallback_to_control).
+    failed = sa.or_(sa.and_(f.status != 200, f.status != CLIENT_CLOSED), sa.and_(ok, f.error.is_not(None)))
+    empty = sa.and_(ok, f.completion_tokens == 0, f.endpoint != "embeddings")
+    day = day_of(conn, f.ts).label("day")
+    return (
+        sa.select(
+            sa.literal(experiment, sa.String).label("experiment"),
+            day,
+            f.user_hash,
+            f.variant,
+            f.rollout_percent,
+            sa.func.min(f.ts).label("first_ts"),
+            sa.func.count().label("requests"),
+            sa.func.sum(sa.case((failed, 1), else_=0)).label("failed"),
+            sa.func.sum(sa.case((empty, 1), else_=0)).label("empty"),
+            sa.func.sum(sa.case((ok, 1), else_=0)).label("answered"),
+            sa.func.sum(sa.case((ok, sa.func.coalesce(f.latency_ms, 0.0)), else_=0.0)).label("latency_ms"),
+            sa.func.sum(f.cost_usd).label("cost_usd"),
+            sa.func.sum(f.regenerated).label("regenerated"),
+        )
+        .where(_within(f.ts, spans))
+        .group_by(day, f.user_hash, f.variant, f.rollout_percent)
+    )
+
+
+def episode_fragments(conn: Connection, experiment: str, spans: Sequence[Span]) -> sa.Select[Any]:
+    """rollup_episodes' columns: each episode's requests per day in `spans`."""
+    r = requests.c
+    day = day_of(conn, r.ts).label("day")
+    return (
+        sa.select(
+            sa.literal(experiment, sa.String).label("experiment"), day, r.user_hash, r.variant, r.episode_id,
+            sa.func.min(r.ts).label("started"), sa.func.count().label("turns"),
+        )
+        .where(r.experiment == experiment, _within(r.ts, spans), r.user_hash.is_not(None), r.episode_id.is_not(None))
+        .group_by(day, r.user_hash, r.variant, r.episode_id)
+    )  # fmt: skip
+
+
+def feedback_groups(conn: Connection, experiment: str, spans: Sequence[Span]) -> sa.Select[Any]:
+    """rollup_feedback's columns: request-level feedback on the requests in `spans`, by their day."""
+    r, fb = requests.c, feedback.c
+    day = day_of(conn, r.ts).label("day")
+    return (
+        sa.select(
+            sa.literal(experiment, sa.String).label("experiment"), day, r.user_hash, r.variant, fb.metric,
+            sa.func.sum(fb.value).label("total"), sa.func.count().label("count"),
+        )
+        .select_from(feedback.join(requests, fb.request_id == r.request_id))
+        .where(r.experiment == experiment, _within(r.ts, spans), fb.level == "request", r.user_hash.is_not(None))
+        .group_by(day, r.user_hash, r.variant, fb.metric)
+    )  # fmt: skip
+
+
+def latency_sample(conn: Connection, experiment: str, spans: Sequence[Span], size: int) -> sa.Select[Any]:
+    """rollup_latency's columns: per variant, the `size` answered requests in `spans` with the lowest keys."""
+    r = requests.c
+    key = sample_key(conn, r.request_id)
+    ranked = (
+        sa.select(
+            r.variant, day_of(conn, r.ts).label("day"), key.label("sample_key"), r.request_id, r.user_hash,
+            r.latency_ms, r.ttft_ms,
+            sa.func.row_number().over(partition_by=r.variant, order_by=(key, r.request_id)).label("rank"),
+        )
+        .where(r.experiment == experiment, _within(r.ts, spans), r.status == 200)
+        .subquery()
+    )  # fmt: skip
+    s = ranked.c
+    return sa.select(
+        sa.literal(experiment, sa.String).label("experiment"), s.variant, s.day, s.sample_key, s.request_id,
+        s.user_hash, s.latency_ms, s.ttft_ms,
+    ).where(s.rank <= size)
+
+
+# -- at ingest: which days a write changed --------------------------------------------------------
+
+
+def days_of_requests(rows: Iterable[Mapping[str, Any]], window_s: float) -> set[tuple[str, int]]:
+    """The days these request rows belong to, and the day before for those early enough in
+    theirs to be the regeneration of a request of that day."""
+    touched: set[tuple[str, int]] = set()
+    for row in rows:
+        experiment, ts = row["experiment"], row["ts"]
+        day = utc_day(ts)
+        touched.add((experiment, day))
+        if ts - day * DAY_S < window_s:
+            touched.add((experiment, day - 1))
+    return touched
+
+
+def days_of_feedback(connection: Connection, request_ids: Sequence[str]) -> set[tuple[str, int]]:
+    """The days of the requests this request-level feedback is about (those already stored:
+    a request stored later marks its day then)."""
+    r = requests.c
+    touched: set[tuple[str, int]] = set()
+    for i in range(0, len(request_ids), _LOOKUP_CHUNK):
+        chunk = list(request_ids[i : i + _LOOKUP_CHUNK])
+        rows = connection.execute(
+            sa.select(r.experiment, day_of(connection, r.ts)).where(r.request_id.in_(chunk)).distinct()
+        )
+        touched.update((experiment, int(day)) for experiment, day in rows)
+    return touched
+
+
+_LOOKUP_CHUNK = 5_000
+
+
+def mark_written(connection: Connection, days: Iterable[tuple[str, int]], insert: Any) -> None:
+    """Bump each day's gen, in the writer's transaction; `insert` is the dialect's INSERT construct."""
+    rows = [{"experiment": experiment, "day": day, "gen": 1} for experiment, day in sorted(days)]
+    if not rows:
+        return
+    statement = insert(rollup_days)
+    connection.execute(
+        statement.on_conflict_do_update(index_elements=["experiment", "day"], set_={"gen": rollup_days.c.gen + 1}),
+        rows,
+    )
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def _current(window_s: float) -> Any:
+    d = rollup_days.c
+    return sa.and_(d.built_gen == d.gen, d.built_window_s == window_s, d.built_sample == SAMPLE_SIZE)
+
+
+def due(conn: Connection, window_s: float, now: float, settle_s: float) -> list[tuple[str, int]]:
+    """Days not current whose end is past by the regeneration window and `settle_s`, oldest first."""
+    d = rollup_days.c
+    last_closed = utc_day(now - window_s - settle_s) - 1
+    rows = conn.execute(
+        sa.select(d.experiment, d.day)
+        .where(d.day <= last_closed, sa.not_(_current(window_s)))
+        .order_by(d.day, d.experiment)
+    )
+    return [(experiment, int(day)) for experiment, day in rows]
+
+
+def build_day(engine: Engine, experiment: str, day: int, window_s: float, now: float | None = None) -> None:
+    """Rebuild one day's rollup from the raw rows, in one transaction."""
+    span = [Span(day * DAY_S, (day + 1) * DAY_S)]
+    d = rollup_days.c
+    with engine.begin() as conn:
+        # The deletes first: on SQLite the transaction then holds the write lock before it reads,
+        # so no other writer can commit between the gen read and the inserts.
+        for table in (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency):
+            conn.execute(sa.delete(table).where(table.c.experiment == experiment, table.c.day == day))
+        gen = conn.execute(sa.select(d.gen).where(d.experiment == experiment, d.day == day)).scalar()
+        for table, select in (
+            (rollup_requests, request_groups(conn, experiment, span, window_s)),
+            (rollup_episodes, episode_fragments(conn, experiment, span)),
+            (rollup_feedback, feedback_groups(conn, experiment, span)),
+            (rollup_latency, latency_sample(conn, experiment, span, SAMPLE_SIZE)),
+        ):
+            conn.execute(sa.insert(table).from_select([c.name for c in select.selected_columns], select))
+        r = requests.c
+        first_ts, last_ts = conn.execute(
+            sa.select(sa.func.min(r.ts), sa.func.max(r.ts)).where(r.experiment == experiment, _within(r.ts, span))
+        ).one()
+        values = {
+            "built_gen": gen if gen is not None else 0, "built_window_s": window_s, "built_sample": SAMPLE_SIZE,
+            "built_at": time.time() if now is None else now, "first_ts": first_ts, "last_ts": last_ts,
+        }  # fmt: skip
+        if gen is None:  # a day no write marked (stored before this table existed, or an empty day)
+            conn.execute(sa.insert(rollup_days).values(experiment=experiment, day=day, gen=0, **values))
+        else:
+            conn.execute(sa.update(rollup_days).where(d.experiment == experiment, d.day == day).values(**values))
+
+
+def build_due(
+    engine: Engine, window_s: float, *, now: float | None = None, settle_s: float = 0.0
+) -> list[tuple[str, int]]:
+    """Build every due day; returns them."""
+    moment = time.time() if now is None else now
+    with engine.connect() as conn:
+        days = due(conn, window_s, moment, settle_s)
+    for experiment, day in days:
+        build_day(engine, experiment, day, window_s, moment)
+    return days
+
+
+# -- reading: which of a window's days the report may take from the rollup -----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    rolled: list[int]  # UTC days read from the rollup
+    live: list[Span]  # the rest of the window, read from the raw rows
+
+
+def plan(conn: Connection, experiment: str, since: float, until: float, window_s: float) -> Plan:
+    """Split [since, until) into current rolled-up days and live spans.
+
+    A day the window cuts is taken from the rollup only if all its requests lie inside the window
+    (as with a window that starts at the experiment's first request).
+    """
+    if until <= since:
+        return Plan([], [])
+    d = rollup_days.c
+    first, last = utc_day(since), utc_day(math.nextafter(until, -math.inf))
+    current = {
+        int(day): (first_ts, last_ts)
+        for day, first_ts, last_ts in conn.execute(
+            sa.select(d.day, d.first_ts, d.last_ts).where(
+                d.experiment == experiment, d.day >= first, d.day <= last, _current(window_s)
+            )
+        )
+    }
+    rolled: list[int] = []
+    live: list[Span] = []
+    for day in range(first, last + 1):
+        start, end = max(day * DAY_S, since), min((day + 1) * DAY_S, until)
+        bounds = current.get(day)
+        whole = start == day * DAY_S and end == (day + 1) * DAY_S
+        if bounds is not None and (whole or bounds[0] is None or (bounds[0] >= since and bounds[1] < until)):
+            rolled.append(day)
+        elif live and live[-1].until == start:
+            live[-1] = Span(live[-1].since, end)
+        else:
+            live.append(Span(start, end))
+    return Plan(rolled, live)
