@@ -423,9 +423,11 @@ def collect(
             settings.redis_url, socket_connect_timeout=5, socket_timeout=options.block_ms / 1000 + 10
         )
         collector = Collector(
-            client, Store(engine), key=settings.events.redis_stream.key, group=options.group,
-            consumer=consumer or default_consumer(), batch_size=options.batch_size, block_ms=options.block_ms,
-            claim_idle_ms=options.claim_idle_ms, metrics=metrics,
+            client, Store(engine, regeneration_window_s=settings.feedback.regeneration_window_s),
+            key=settings.events.redis_stream.key, group=options.group, consumer=consumer or default_consumer(),
+            batch_size=options.batch_size, block_ms=options.block_ms, claim_idle_ms=options.claim_idle_ms,
+            metrics=metrics, rollup_interval_s=0.0 if once else options.rollup_interval_s,
+            rollup_settle_s=options.rollup_settle_s,
         )  # fmt: skip
         try:
             await collect_events(collector, once=once)
@@ -458,6 +460,41 @@ def store_migrate(config: str | None, store_url: str | None) -> None:
     engine.dispose()
     click.echo(f"store {engine.url.render_as_string(hide_password=True)}: at revision {revision}")
 
+
+@store_group.command("rollup")
+@click.option("--config", "config", envvar="ABPROXY_CONFIG", help="YAML config file [env ABPROXY_CONFIG].")
+@store_option
+@click.option("--settle-s", type=click.FloatRange(min=0), default=None,
+              help="Build a day this long after its end [collector.rollup_settle_s].")
+def store_rollup(config: str | None, store_url: str | None, settle_s: float | None) -> None:
+    """Build the report's rollup of every day that is over and not current (the collector does it each minute)."""
+    import time
+
+    from rich.progress import Progress
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.store import rollup
+    from proxy.store.collector import error_line
+
+    settings = load_config(config, upstream_keys=False)[1]
+    engine = store_engine(store_url or settings.store.url)
+    migrate_store(engine)
+    window_s = settings.feedback.regeneration_window_s
+    settle = settings.collector.rollup_settle_s if settle_s is None else settle_s
+    now = time.time()
+    try:
+        with engine.connect() as conn:
+            days = rollup.due(conn, window_s, now, settle)
+        with Progress(transient=True) as progress:
+            task = progress.add_task("building days", total=len(days))
+            for experiment, day in days:
+                rollup.build_day(engine, experiment, day, window_s, now)
+                progress.advance(task)
+    except SQLAlchemyError as exc:
+        fail(f"rollup failed: {error_line(exc)}")
+    finally:
+        engine.dispose()
+    click.echo(f"rollup: {len(days)} day(s) built in {time.time() - now:.1f} s")
 
 
 # -- analysis: the report, and planning ------------------------------------------------------

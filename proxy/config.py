@@ -299,6 +299,12 @@ class CollectorConfig(_Strict):
     block_ms: int = Field(default=1000, ge=1)
     # Entries a dead collector held this long are taken over by a live one.
     claim_idle_ms: int = Field(default=60_000, ge=1)
+    # How often the collector builds the report's rollup of days that are over (proxy/store/rollup.py);
+    # 0: never (`abproxy store rollup` builds it by hand).
+    rollup_interval_s: float = Field(default=60.0, ge=0)
+    # A day is built this long after its end (and the regeneration window): a later event marks it
+    # again and it is rebuilt, so this only saves rebuilds while stragglers come in.
+    rollup_settle_s: float = Field(default=600.0, ge=0)
 
 
 class EventsConfig(_Strict):

@@ -26,9 +26,10 @@ from structlog.testing import capture_logs
 
 from proxy.cli import main
 from proxy.event_stream import entry_fields
+from proxy.store import rollup
 from proxy.store.collector import Collector
 from proxy.store.db import Store, engine_for, head_revision, migrate
-from proxy.store.schema import feedback, requests
+from proxy.store.schema import feedback, requests, rollup_days, rollup_requests
 from tests.harness import PostgresServer, Process, wait_until
 from tests.test_store import T0, feedback_event, request_event
 
@@ -100,6 +101,13 @@ async def until(predicate: Callable[[], bool], task: asyncio.Task[None], timeout
         await asyncio.sleep(0.02)
 
 
+def _current_days(engine: Engine) -> list[int]:
+    d = rollup_days.c
+    with engine.connect() as conn:
+        rows = conn.execute(select(d.day).where(d.built_gen == d.gen).order_by(d.day))
+        return [day for (day,) in rows]
+
+
 def collector(client: aioredis.Redis, engine: Engine, consumer: str = "c1", **options: Any) -> Collector:
     return Collector(client, Store(engine), key=KEY, group=GROUP, consumer=consumer, **options)
 
@@ -117,6 +125,27 @@ class TestCollector:
         assert feedback_values(engine) == {("req:r1", "thumbs"): 1.0, ("req:req-1", "thumbs"): 0.0}
         assert pending(sync_redis) == 0
         assert (c.processed, c.stored, c.duplicates, c.skipped, c.feedback) == (34, 30, 1, 1, 2)
+
+    async def test_run_builds_the_rollup_of_days_that_are_over(
+        self, sync_redis: redis.Redis, async_redis: aioredis.Redis, engine: Engine
+    ) -> None:
+        """Between batches, every rollup_interval_s: days past are built; a later write to one of
+        them marks it again and the next build catches it up."""
+        days = [rollup.utc_day(T0) - k for k in (3, 2, 1)]
+        add(sync_redis, [request_event(f"r{k}", ts=day * rollup.DAY_S + 3600) for k, day in enumerate(days)])
+        c = collector(async_redis, engine, rollup_interval_s=0.05, rollup_settle_s=0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        try:
+            await until(lambda: _current_days(engine) == days, task)
+            add(sync_redis, [request_event("late", ts=days[0] * rollup.DAY_S + 7200)])
+            await until(lambda: request_ids(engine) >= {"late"} and _current_days(engine) == days, task)
+            with engine.connect() as conn:
+                n = conn.execute(select(func.sum(rollup_requests.c.requests)).where(rollup_requests.c.day == days[0]))
+                assert n.scalar_one() == 2
+        finally:
+            stop.set()
+            await task
 
     async def test_failed_write_is_not_acked_and_is_retried_first(
         self, sync_redis: redis.Redis, async_redis: aioredis.Redis, engine: Engine
@@ -431,7 +460,9 @@ class TestKill:
         # A restarted collector of a new name claims the dead one's batch after 300 ms idle; one
         # of the same name must read its own pending entries first (it could not claim for an hour).
         claim_idle_ms = 300 if restart_as == "new-consumer" else 3_600_000
-        config = collect_config(tmp_path, url, batch_size=100, block_ms=100, claim_idle_ms=claim_idle_ms)
+        # No rollup builds: the lock below must catch a batch's write, not a build's read.
+        config = collect_config(tmp_path, url, batch_size=100, block_ms=100, claim_idle_ms=claim_idle_ms,
+                                rollup_interval_s=0)  # fmt: skip
         env = clean_env(REDIS_URL=redis_url)
         first = Process("collect-a", abproxy_argv("collect", "--config", str(config), "--consumer", "a"), tmp_path, env)
         second_name = "b" if restart_as == "new-consumer" else "a"

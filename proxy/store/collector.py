@@ -57,6 +57,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.event_stream import SCHEMA_VERSION, ConsumerGroupReader, RawEntry, decode_entry
+from proxy.store import rollup
 from proxy.store.db import Prepared, Store, WriteResult, prepare
 
 log = structlog.get_logger("abproxy")
@@ -168,6 +169,8 @@ class Collector:
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
         metrics: CollectorMetrics | None = None,
+        rollup_interval_s: float = 0.0,
+        rollup_settle_s: float = 600.0,
     ) -> None:
         self.redis, self.store = redis, store
         self.metrics = metrics if metrics is not None else CollectorMetrics()
@@ -189,6 +192,8 @@ class Collector:
         self._next_claim = 0.0  # monotonic time; a full XAUTOCLAIM scan that found nothing waits
         # A scan that found nothing idle enough need not be repeated before anything could be.
         self._claim_pause_s = min(claim_idle_ms / 1000, MAX_CLAIM_PAUSE_S)
+        self.rollup_interval_s, self.rollup_settle_s = rollup_interval_s, rollup_settle_s
+        self._next_rollup = 0.0  # monotonic time of the next build; the first comes at once
 
     def counters(self) -> dict[str, int]:
         return {
@@ -226,11 +231,29 @@ class Collector:
             if delay:
                 delay = 0.0
                 log.info("collector_recovered")
+            if self.rollup_interval_s and time.monotonic() >= self._next_rollup:
+                self._next_rollup = time.monotonic() + self.rollup_interval_s
+                await self.build_rollup()
             if time.monotonic() - last_summary >= SUMMARY_INTERVAL_S:
                 last_summary = time.monotonic()
                 if self.counters() != summarised:
                     summarised = self.counters()
                     log.info("collector_progress", **summarised)
+
+    async def build_rollup(self) -> None:
+        """Build the days that are due, between batches and in a worker thread; a failure is
+        logged and tried again next interval (the report reads those days live meanwhile)."""
+        started = time.monotonic()
+        try:
+            built = await asyncio.to_thread(
+                rollup.build_due, self.store.engine, self.store.regeneration_window_s, settle_s=self.rollup_settle_s
+            )
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("collector_rollup_failed", error=error_line(exc), kind=type(exc).__name__)
+            return
+        if built:
+            log.info("collector_rollup_built", days=len(built), first=f"{built[0][0]} day {built[0][1]}",
+                     seconds=round(time.monotonic() - started, 3))  # fmt: skip
 
     async def _step(self, block_ms: int | None) -> int:
         try:

@@ -234,7 +234,12 @@ def mark_written(connection: Connection, days: Iterable[tuple[str, int]], insert
 
 def _current(window_s: float) -> Any:
     d = rollup_days.c
-    return sa.and_(d.built_gen == d.gen, d.built_window_s == window_s, d.built_sample == SAMPLE_SIZE)
+    # Never-built days hold NULLs, and NOT (NULL = x) is NULL, not true: coalesced, so due() finds them.
+    return sa.and_(
+        sa.func.coalesce(d.built_gen, -1) == d.gen,
+        sa.func.coalesce(d.built_window_s, -1.0) == window_s,
+        sa.func.coalesce(d.built_sample, -1) == SAMPLE_SIZE,
+    )
 
 
 def due(conn: Connection, window_s: float, now: float, settle_s: float) -> list[tuple[str, int]]:

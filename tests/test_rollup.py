@@ -1,0 +1,244 @@
+"""The report's rollup (proxy/store/rollup.py): a report read from it equals the report read from
+the raw rows, on SQLite and PostgreSQL, whatever the window, and a late event is never missed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from proxy.analysis.dataset import Dataset, Observations, Window, load
+from proxy.analysis.render import to_json
+from proxy.analysis.report import build_report
+from proxy.store import rollup
+from proxy.store.db import Store, engine_for, migrate
+from proxy.store.schema import rollup_days, rollup_requests
+from tests.synthetic import DAY, EXPERIMENT, Scenario, generate
+from tests.test_report import _settings
+
+W = 120.0  # the settings' regeneration window (feedback.regeneration_window_s)
+NOW = time.time()
+T0 = NOW - 9.5 * DAY
+
+
+def _events() -> list[dict[str, Any]]:
+    """Crossovers (the rollout rises on day 3), regenerations, episodes of three turns 0.2 days
+    apart (many cross midnight), every third request a stream with its TTFT."""
+    scenario = Scenario(users=400, days=9, schedule=[(0, 20.0), (3, 50.0)], requests_per_user=(2, 8),
+                        regenerate_share=0.15, episode_turns=3, seed=11)  # fmt: skip
+    events = generate(scenario, T0)
+    for i, event in enumerate(events):
+        if "kind" not in event and i % 3 == 0 and event["status"] == 200:
+            event["stream"], event["ttft_ms"] = True, event["latency_ms"] / 3
+    return events
+
+
+def _store(url: str, events: list[dict[str, Any]]) -> Engine:
+    engine = engine_for(url)
+    migrate(engine)
+    store = Store(engine, regeneration_window_s=W)
+    for i in range(0, len(events), 3000):
+        store.write(events[i : i + 3000])
+    return engine
+
+
+def _report(engine: Engine, **window: Any) -> dict[str, Any]:
+    settings = _settings(primary_metric="task_completed", mde=0.05)
+    with engine.connect() as conn:
+        return to_json(build_report(conn, settings, EXPERIMENT, now=NOW, **window))
+
+
+def _dataset(engine: Engine, since: float, until: float) -> Dataset:
+    with engine.connect() as conn:
+        return load(conn, EXPERIMENT, Window(since, until), regeneration_window_s=W)
+
+
+def _plan(engine: Engine, since: float, until: float) -> rollup.Plan:
+    with engine.connect() as conn:
+        return rollup.plan(conn, EXPERIMENT, since, until, W)
+
+
+def _sums(obs: Observations) -> dict[tuple[int, int], tuple[float, float]]:
+    """An observation set as per (user, day) sums: rows may be split differently, sums may not."""
+    out: dict[tuple[int, int], tuple[float, float]] = {}
+    columns = (obs.user.tolist(), obs.day.tolist(), obs.num.tolist(), obs.den.tolist())
+    for user, day, num, den in zip(*columns, strict=True):
+        n, d = out.get((user, day), (0.0, 0.0))
+        out[user, day] = (n + num, d + den)
+    return {key: (round(n, 9), round(d, 9)) for key, (n, d) in out.items()}
+
+
+def _assert_same(a: Dataset, b: Dataset) -> None:
+    assert a.users == b.users
+    assert a.treatment.tolist() == b.treatment.tolist()
+    assert a.first_day.tolist() == b.first_day.tolist()
+    assert a.expected_treatment.tolist() == b.expected_treatment.tolist()
+    assert (a.requests_by_variant, a.unidentified_requests, a.crossover_users) == (
+        b.requests_by_variant, b.unidentified_requests, b.crossover_users)
+    for part in ("requests", "request_feedback", "user_feedback"):
+        ours, theirs = getattr(a, part), getattr(b, part)
+        assert sorted(ours) == sorted(theirs), part
+        for name in ours:
+            assert _sums(ours[name]) == _sums(theirs[name]), (part, name)
+    for part in ("latency_ms", "ttft_ms"):
+        for variant in ("control", "treatment"):
+            assert np.array_equal(getattr(a, part)[variant], getattr(b, part)[variant]), (part, variant)
+
+
+WINDOWS = {
+    "default": (None, None),  # the experiment's first request to now: its first and last days cut
+    "cut": (T0 + 2.5 * DAY, T0 + 7.3 * DAY),  # both ends inside days that hold requests outside it
+    "aligned": (rollup.utc_day(T0 + 2 * DAY) * DAY, rollup.utc_day(T0 + 8 * DAY) * DAY),
+}
+
+
+def test_a_rolled_up_report_equals_the_raw_one(store_url: str) -> None:
+    engine = _store(store_url, _events())
+    try:
+        raw = {name: _report(engine, since=since, until=until) for name, (since, until) in WINDOWS.items()}
+        raw_data = _dataset(engine, T0, NOW)
+        assert _plan(engine, T0, NOW).rolled == []  # nothing built yet: all of it live
+        built = rollup.build_due(engine, W, now=NOW)
+        assert len(built) >= 9
+        plan = _plan(engine, T0, NOW)
+        assert len(plan.rolled) >= 8 and plan.live  # today at least stays live
+        for name, (since, until) in WINDOWS.items():
+            assert _report(engine, since=since, until=until) == raw[name], name
+        _assert_same(_dataset(engine, T0, NOW), raw_data)
+        # What the data holds, so equality is not of two empty reports.
+        assert raw_data.crossover_users > 0
+        assert raw_data.requests["regenerated"].num.sum() > 0
+        assert raw_data.requests["turns_per_episode"].num.sum() > raw_data.requests["turns_per_episode"].den.sum()
+        assert all(len(raw_data.ttft_ms[v]) > 0 for v in ("control", "treatment"))
+        cut = _plan(engine, *WINDOWS["cut"])  # type: ignore[arg-type]
+        assert cut.rolled and cut.live[0].since == WINDOWS["cut"][0] and cut.live[-1].until == WINDOWS["cut"][1]
+    finally:
+        engine.dispose()
+
+
+def test_a_late_event_makes_its_day_live_until_it_is_rebuilt(store_url: str) -> None:
+    events = _events()
+    engine = _store(store_url, events)
+    try:
+        rollup.build_due(engine, W, now=NOW)
+        day = rollup.utc_day(T0 + 4 * DAY)
+        answered = [e for e in events if "kind" not in e and e["status"] == 200 and rollup.utc_day(e["ts"]) == day]
+        before = _dataset(engine, T0, NOW)
+        late = {"kind": "feedback", "ts": NOW, "feedback_id": "fb_late", "level": "request",
+                "request_id": answered[0]["request_id"], "user_hash": None, "experiment": None,
+                "metric": "escalated", "value": 1.0, "episode_id": None}  # fmt: skip
+        Store(engine, regeneration_window_s=W).write([late])
+        assert day not in _plan(engine, T0, NOW).rolled  # the day is read live now
+        live = _dataset(engine, T0, NOW)
+        assert "escalated" not in before.request_feedback
+        assert live.request_feedback["escalated"].den.sum() == 1
+        assert rollup.build_due(engine, W, now=NOW) == [(EXPERIMENT, day)]  # only that day is rebuilt
+        assert day in _plan(engine, T0, NOW).rolled
+        _assert_same(_dataset(engine, T0, NOW), live)
+        # A late request marks its day too.
+        request = dict(answered[1], request_id=os.urandom(20).hex(), ts=answered[1]["ts"] + 1)
+        Store(engine, regeneration_window_s=W).write([request])
+        assert day not in _plan(engine, T0, NOW).rolled
+        assert _dataset(engine, T0, NOW).requests_by_variant[request["variant"]] == (
+            live.requests_by_variant[request["variant"]] + 1)
+    finally:
+        engine.dispose()
+
+
+def test_a_regeneration_after_midnight_is_counted_on_the_day_before(store_url: str) -> None:
+    """Its same prompt again 50 s later, past midnight: the first request was regenerated. Sent
+    after the day before was built, the repeat marks that day, whose rebuild then counts it."""
+    midnight = rollup.utc_day(T0 + 3 * DAY) * DAY
+    base = {"experiment": EXPERIMENT, "variant": "control", "user_hash": "u-night", "rollout_percent": 20.0,
+            "status": 200, "latency_ms": 500.0, "completion_tokens": 10, "endpoint": "chat.completions",
+            "prompt_hash": "p-night"}  # fmt: skip
+    engine = _store(store_url, [dict(base, request_id="a" * 40, ts=midnight - 20)])
+    try:
+        rollup.build_due(engine, W, now=NOW)
+        day_before = rollup.utc_day(midnight - 20)
+        assert _regenerated(engine, day_before) == 0
+        Store(engine, regeneration_window_s=W).write([dict(base, request_id="b" * 40, ts=midnight + 30)])
+        assert day_before not in _plan(engine, T0, NOW).rolled
+        assert _dataset(engine, T0, NOW).requests["regenerated"].num.sum() == 1
+        assert (EXPERIMENT, day_before) in rollup.build_due(engine, W, now=NOW)
+        assert _regenerated(engine, day_before) == 1
+        assert _dataset(engine, T0, NOW).requests["regenerated"].num.sum() == 1
+    finally:
+        engine.dispose()
+
+
+def _regenerated(engine: Engine, day: int) -> int:
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.sum(rollup_requests.c.regenerated)).where(rollup_requests.c.day == day))
+        return int(total.scalar() or 0)
+
+
+def test_the_latency_sample_is_the_lowest_keys_of_the_window(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a sample of 40 per variant: the 40 answered requests with the lowest keys over the
+    whole window (computed here from the events), rolled up or not, crossovers then left out."""
+    monkeypatch.setattr(rollup, "SAMPLE_SIZE", 40)
+    events = _events()
+    engine = _store(store_url, events)
+    try:
+        live = _dataset(engine, T0, NOW)
+        rollup.build_due(engine, W, now=NOW)
+        rolled = _dataset(engine, T0, NOW)
+        requests = [e for e in events if "kind" not in e]
+        first: dict[str, str] = {}
+        for e in sorted(requests, key=lambda e: (e["ts"], e["request_id"])):
+            first.setdefault(e["user_hash"], e["variant"])
+        for variant in ("control", "treatment"):
+            answered = sorted((e for e in requests if e["status"] == 200 and e["variant"] == variant),
+                              key=lambda e: (e["request_id"][8:], e["request_id"]))[:40]  # fmt: skip
+            expected = [e["latency_ms"] for e in answered if first[e["user_hash"]] == variant]
+            assert 0 < len(expected) <= 40
+            assert live.latency_ms[variant].tolist() == expected
+            assert rolled.latency_ms[variant].tolist() == expected
+    finally:
+        engine.dispose()
+
+
+def test_a_day_is_built_only_once_it_is_over(store_url: str) -> None:
+    engine = _store(store_url, _events())
+    try:
+        today = rollup.utc_day(NOW)
+        with engine.connect() as conn:
+            due = rollup.due(conn, W, NOW, settle_s=0.0)
+            assert due and all(day < today for _, day in due)
+            # The day before today waits for the regeneration window and the settle time past midnight.
+            assert all(day < rollup.utc_day(NOW - W - 3600) for _, day in rollup.due(conn, W, NOW, settle_s=3600))
+        rollup.build_due(engine, W, now=NOW)
+        with engine.connect() as conn:
+            assert rollup.due(conn, W, NOW, settle_s=0.0) == []
+            # Another regeneration window makes every built day due again.
+            assert len(rollup.due(conn, 300.0, NOW, settle_s=0.0)) == len(due)
+    finally:
+        engine.dispose()
+
+
+def test_the_cli_builds_the_due_days(store_url: str, tmp_path: Any) -> None:
+    engine = _store(store_url, _events())
+    config = tmp_path / "abproxy.yaml"
+    config.write_text(
+        "upstreams: {u: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+        "models: {base: {upstream: u, model: m}, finetuned: {upstream: u, model: 'ft:m'}}\n"
+        f"experiments: {{{EXPERIMENT}: {{aliases: [{EXPERIMENT}], control: base, treatment: finetuned, salt: s}}}}\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-m", "proxy", "store", "rollup", "--config", str(config),
+                               "--store", store_url, "--settle-s", "0"],
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with engine.connect() as conn:
+            built = conn.execute(sa.select(sa.func.count()).where(rollup_days.c.built_gen == rollup_days.c.gen))
+            n = int(built.scalar_one())
+        assert n >= 9 and f"rollup: {n} day(s) built" in done.stdout
+    finally:
+        engine.dispose()
