@@ -425,6 +425,7 @@ def report_stores(
     key = cache_key(revision)
     stores: dict[int, dict[str, str]] = {}
     (cache / key).mkdir(parents=True, exist_ok=True)
+    _upgrade(pg, cache, key)
     _prune(pg, cache, key)
     existing = pg.databases()
     for n in sizes:
@@ -443,6 +444,34 @@ def report_stores(
             del r
         stores[n] = {"sqlite": f"sqlite:///{sqlite_path}", "postgresql": pg.url(database)}
     return stores
+
+
+def _upgrade(pg: Postgres, cache: Path, key: str) -> None:
+    """Bring every store of the same data at an older schema revision to this one, as production
+    would (the store's migrations), instead of loading them again (10M requests: ~15 minutes)."""
+    from proxy.store.db import engine_for, migrate
+
+    older = [path for path in cache.glob(f"data{DATA_VERSION}-rev*") if path.is_dir() and path.name != key]
+    existing = pg.databases()
+    for old in older:
+        sizes = {int(path.stem.split("-")[1]) for path in old.glob("requests-*.db")}
+        sizes |= {int(name.split("_")[1]) for name in existing if name.endswith("_" + old.name.replace("-", "_"))}
+        for n in sorted(sizes):
+            source, target = old / f"requests-{n}.db", cache / key / f"requests-{n}.db"
+            if source.exists() and not target.exists():
+                log(f"  offline: migrating the SQLite store of {n:,} requests from {old.name} to {key}")
+                engine = engine_for(f"sqlite:///{source}")
+                migrate(engine)
+                engine.dispose()
+                source.rename(target)
+            database, stale = (f"requests_{n}_{k}".replace("-", "_") for k in (key, old.name))
+            if stale in existing and database not in existing:
+                log(f"  offline: migrating the PostgreSQL store of {n:,} requests from {old.name} to {key}")
+                engine = engine_for(pg.url(stale))
+                migrate(engine)
+                engine.dispose()
+                pg.execute(f'ALTER DATABASE "{stale}" RENAME TO "{database}"')
+                existing = pg.databases()
 
 
 def _prune(pg: Postgres, cache: Path, key: str) -> None:

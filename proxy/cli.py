@@ -466,7 +466,11 @@ def store_migrate(config: str | None, store_url: str | None) -> None:
 @store_option
 @click.option("--settle-s", type=click.FloatRange(min=0), default=None,
               help="Build a day this long after its end [collector.rollup_settle_s].")
-def store_rollup(config: str | None, store_url: str | None, settle_s: float | None) -> None:
+@click.option("--scan", is_flag=True, help="First enter the days of requests stored around the collector "
+              "(a bulk load, a restore): a full scan of the requests.")
+@click.option("--all", "rebuild_all", is_flag=True, help="Rebuild every day, current or not, that is over.")
+def store_rollup(config: str | None, store_url: str | None, settle_s: float | None, scan: bool,
+                 rebuild_all: bool) -> None:
     """Build the report's rollup of every day that is over and not current (the collector does it each minute)."""
     import time
 
@@ -483,8 +487,14 @@ def store_rollup(config: str | None, store_url: str | None, settle_s: float | No
     settle = settings.collector.rollup_settle_s if settle_s is None else settle_s
     now = time.time()
     try:
+        if scan:
+            with engine.begin() as conn:
+                rollup.enter_stored_days(conn)
         with engine.connect() as conn:
             days = rollup.due(conn, window_s, now, settle)
+            if rebuild_all:
+                last = rollup.utc_day(now - window_s - settle) - 1
+                days = [(experiment, day) for experiment, day in rollup.all_days(conn) if day <= last]
         with Progress(transient=True) as progress:
             task = progress.add_task("building days", total=len(days))
             for experiment, day in days:

@@ -18,8 +18,8 @@ from proxy.analysis.dataset import Dataset, Observations, Window, load
 from proxy.analysis.render import to_json
 from proxy.analysis.report import build_report
 from proxy.store import rollup
-from proxy.store.db import Store, engine_for, migrate
-from proxy.store.schema import rollup_days, rollup_requests
+from proxy.store.db import Store, engine_for, migrate, request_row
+from proxy.store.schema import requests, rollup_days, rollup_requests
 from tests.synthetic import DAY, EXPERIMENT, Scenario, generate
 from tests.test_report import _settings
 
@@ -240,5 +240,29 @@ def test_the_cli_builds_the_due_days(store_url: str, tmp_path: Any) -> None:
             built = conn.execute(sa.select(sa.func.count()).where(rollup_days.c.built_gen == rollup_days.c.gen))
             n = int(built.scalar_one())
         assert n >= 9 and f"rollup: {n} day(s) built" in done.stdout
+    finally:
+        engine.dispose()
+
+
+def test_days_loaded_around_the_writer_are_entered_by_a_scan(store_url: str) -> None:
+    """Rows inserted without Store.write (a bulk load, a restore) mark no day: --scan enters them."""
+    engine = _store(store_url, [])
+    events = [e for e in _events() if "kind" not in e]
+    try:
+        with engine.begin() as conn:
+            conn.execute(requests.insert(), [request_row(e) for e in events if request_row(e) is not None])
+        with engine.connect() as conn:
+            assert rollup.due(conn, W, NOW, settle_s=0.0) == []
+        raw = _dataset(engine, T0, NOW)
+        with engine.begin() as conn:
+            entered = rollup.enter_stored_days(conn)
+        with engine.begin() as conn:
+            assert rollup.enter_stored_days(conn) == 0  # only what is missing
+        stored = {rollup.utc_day(e["ts"]) for e in events}
+        assert entered == len(stored)
+        built = rollup.build_due(engine, W, now=NOW)
+        assert {day for _, day in built} == {day for day in stored if day < rollup.utc_day(NOW - W)}
+        assert _plan(engine, T0, NOW).rolled
+        _assert_same(_dataset(engine, T0, NOW), raw)
     finally:
         engine.dispose()

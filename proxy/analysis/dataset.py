@@ -197,11 +197,13 @@ class _Reader:
         return self.fetch(self.parts(table, live), len(live.selected_columns))
 
     def fetch(self, selects: Sequence[sa.Select[Any]], width: int) -> list[list[Any]]:
-        """The rows of all `selects` (same columns), as one list per column.
+        """The rows of all `selects` (same columns), as one list per column (zip(*rows) would
+        build a tuple per row): at 10M requests a report reads about a million rows."""
+        rows = self.rows(selects)
+        return [[row[k] for row in rows] for k in range(width)]
 
-        The DBAPI cursor's tuples, not SQLAlchemy's Row objects, and a list per column (zip(*rows)
-        would build a tuple per row): at 10M requests a report reads about a million rows.
-        """
+    def rows(self, selects: Sequence[sa.Select[Any]]) -> list[Sequence[Any]]:
+        """The rows of all `selects`: the DBAPI cursor's tuples, not SQLAlchemy's Row objects."""
         rows: list[Sequence[Any]] = []
         for select in selects:
             result = self.conn.execute(select)
@@ -211,7 +213,7 @@ class _Reader:
                     rows.extend(chunk)
             finally:
                 result.close()
-        return [[row[k] for row in rows] for k in range(width)]
+        return rows
 
     def user_index(self, user_hash: Sequence[str | None]) -> IntArray:
         """Each row's user index; -1 for no identified user (or one with no request in the window)."""
@@ -292,36 +294,34 @@ class _Reader:
         }
 
     def user_feedback(self) -> None:
+        """One value per user and metric: one scoped to this experiment beats one sent for the
+        user in general. Its day: when it was sent, but never before the user's first exposure."""
         assert self.data is not None
         data, fb = self.data, feedback.c
-        rows = self.conn.execute(
-            sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(self.conn, fb.ts)).where(
-                fb.level == "user",
-                sa.or_(fb.experiment == self.experiment, fb.experiment.is_(None)),
-                fb.ts < self.window.until,
-            )
-        ).all()
-        # A value scoped to this experiment beats one sent for the user in general.
-        chosen: dict[tuple[str, int], tuple[bool, float, int]] = {}
-        for user_hash, metric, value, scoped_to, day in rows:
-            user = self.index.get(user_hash)
-            if user is None:
-                continue
-            scoped = scoped_to is not None
-            key = (metric, user)
-            if key not in chosen or (scoped and not chosen[key][0]):
-                chosen[key] = (scoped, float(value), max(int(day) - self.day0, int(data.first_day[user])))
-        by_metric: dict[str, tuple[list[int], list[int], list[float]]] = {}
-        for (metric, user), (_scoped, value, day) in sorted(chosen.items()):
-            users, days, values = by_metric.setdefault(metric, ([], [], []))
-            users.append(user)
-            days.append(day)
-            values.append(value)
-        data.user_feedback = {
-            metric: Observations(np.array(users, dtype=np.int64), np.array(days, dtype=np.int64),
-                                 np.array(values, dtype=np.float64), np.ones(len(values)))
-            for metric, (users, days, values) in by_metric.items()
-        }  # fmt: skip
+        select = sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(self.conn, fb.ts)).where(
+            fb.level == "user",
+            sa.or_(fb.experiment == self.experiment, fb.experiment.is_(None)),
+            fb.ts < self.window.until,
+        )
+        user_hash, metric, value, scoped_to, day = self.fetch([select], 5)
+        names = sorted(set(metric))
+        code = np.fromiter(map({name: i for i, name in enumerate(names)}.__getitem__, metric), np.int64, len(metric))
+        user = self.user_index(user_hash)
+        general = np.array([experiment is None for experiment in scoped_to], dtype=np.bool_)
+        known = np.flatnonzero(user >= 0)
+        # Per (metric, user), the scoped value first: a (subject, metric) is unique, so at most two.
+        ordered = known[np.lexsort((general[known], user[known], code[known]))]
+        if ordered.size:
+            ordered = ordered[np.r_[True, (code[ordered][1:] != code[ordered][:-1])
+                                    | (user[ordered][1:] != user[ordered][:-1])]]  # fmt: skip
+        chosen_user = user[ordered]
+        days = np.maximum(np.array(day, dtype=np.int64)[ordered] - self.day0, data.first_day[chosen_user])
+        values = np.array(value, dtype=np.float64)[ordered]
+        data.user_feedback = {}
+        for i, name in enumerate(names):
+            mine = code[ordered] == i
+            data.user_feedback[name] = Observations(chosen_user[mine], days[mine], values[mine],
+                                                    np.ones(int(mine.sum())))  # fmt: skip
 
     def latencies(self, variants: list[str]) -> None:
         """Per variant, the window's latency sample (rollup.SAMPLE_SIZE lowest sample keys of its
@@ -329,20 +329,19 @@ class _Reader:
         assert self.data is not None
         lat = rollup_latency.c
         size = rollup.SAMPLE_SIZE
-        rows: list[Sequence[Any]] = []
+        selects: list[sa.Select[Any]] = []
         if self.plan.rolled:
-            for variant in variants:
-                rows += self.conn.execute(
-                    sa.select(lat.variant, lat.sample_key, lat.request_id, lat.user_hash, lat.latency_ms, lat.ttft_ms)
-                    .where(lat.experiment == self.experiment, lat.variant == variant, lat.day.in_(self.plan.rolled))
-                    .order_by(lat.sample_key, lat.request_id)
-                    .limit(size)
-                ).all()  # fmt: skip
+            selects += [
+                sa.select(lat.variant, lat.sample_key, lat.request_id, lat.user_hash, lat.latency_ms, lat.ttft_ms)
+                .where(lat.experiment == self.experiment, lat.variant == variant, lat.day.in_(self.plan.rolled))
+                .order_by(lat.sample_key, lat.request_id)
+                .limit(size)
+                for variant in variants
+            ]  # fmt: skip
         if self.plan.live:
             s = rollup.latency_sample(self.conn, self.experiment, self.plan.live, size).subquery().c
-            rows += self.conn.execute(
-                sa.select(s.variant, s.sample_key, s.request_id, s.user_hash, s.latency_ms, s.ttft_ms)
-            ).all()
+            selects.append(sa.select(s.variant, s.sample_key, s.request_id, s.user_hash, s.latency_ms, s.ttft_ms))
+        rows = self.rows(selects)
         # Python orders str by code point, as both back-ends order the key (rollup.sample_key).
         rows.sort(key=lambda row: (row[0], row[1], row[2]))
         self.data.latency_ms, self.data.ttft_ms = {}, {}

@@ -232,6 +232,26 @@ def mark_written(connection: Connection, days: Iterable[tuple[str, int]], insert
 # -- building -----------------------------------------------------------------------------------
 
 
+def enter_stored_days(conn: Connection) -> int:
+    """Enter, as not built, every day of stored requests `rollup_days` lacks: rows written around
+    the store's writer (a bulk load, a restore). A full scan of the requests; returns the days added."""
+    r, d = requests.c, rollup_days.c
+    day = day_of(conn, r.ts)
+    stored = sa.select(r.experiment, day.label("day")).distinct().subquery()
+    missing = sa.select(stored.c.experiment, stored.c.day, sa.literal(1)).where(
+        ~sa.exists().where(d.experiment == stored.c.experiment, d.day == stored.c.day)
+    )
+    statement = sa.insert(rollup_days).from_select(["experiment", "day", "gen"], missing)
+    result = conn.execute(statement.execution_options(preserve_rowcount=True))
+    return max(result.rowcount, 0)
+
+
+def all_days(conn: Connection) -> list[tuple[str, int]]:
+    d = rollup_days.c
+    return [(experiment, int(day)) for experiment, day in conn.execute(sa.select(d.experiment, d.day).order_by(d.day))]
+
+
+
 def _current(window_s: float) -> Any:
     d = rollup_days.c
     # Never-built days hold NULLs, and NOT (NULL = x) is NULL, not true: coalesced, so due() finds them.
