@@ -213,10 +213,12 @@ class Store:
                 result.feedback_written = self._bulk(connection, _FEEDBACK, list(feedback_rows.values()))
             # The days these rows change are no longer current in the report's rollup.
             changed = rollup.days_of_requests(request_rows.values(), self.regeneration_window_s)
-            about = [row["request_id"] for row in feedback_rows.values() if row["level"] == "request"]
+            # Feedback on a request of this batch needs no lookup: that request's day is marked.
+            about = [row["request_id"] for row in feedback_rows.values()
+                     if row["level"] == "request" and row["request_id"] not in request_rows]  # fmt: skip
             if about:
                 changed |= rollup.days_of_feedback(connection, about)
-            rollup.mark_written(connection, changed, self._insert)
+            rollup.mark_written(connection, changed)
             if pair_rows:
                 statement = self._insert(comparisons).on_conflict_do_nothing(index_elements=["content_hash"])
                 result.pairs_added = _executemany(connection, statement, list(pair_rows.values()))

@@ -39,8 +39,10 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -189,44 +191,64 @@ def latency_sample(conn: Connection, experiment: str, spans: Sequence[Span], siz
 
 def days_of_requests(rows: Iterable[Mapping[str, Any]], window_s: float) -> set[tuple[str, int]]:
     """The days these request rows belong to, and the day before for those early enough in
-    theirs to be the regeneration of a request of that day."""
-    touched: set[tuple[str, int]] = set()
-    for row in rows:
-        experiment, ts = row["experiment"], row["ts"]
-        day = utc_day(ts)
-        touched.add((experiment, day))
-        if ts - day * DAY_S < window_s:
-            touched.add((experiment, day - 1))
-    return touched
+    theirs to be the regeneration of a request of that day.
+
+    Per experiment, every day from that of (earliest ts - window) to that of the latest: a batch
+    spans minutes, so this is its day (or two across midnight), found with min/max in C rather
+    than a day computed per row (the collector pays this on every batch). A day in between that
+    holds no row of the batch is marked too, costing at most one needless rebuild.
+    """
+    rows = list(rows)
+    experiments = set(map(itemgetter("experiment"), rows))
+    by_experiment: dict[str, list[float]] = {}
+    if len(experiments) == 1:  # the usual batch
+        by_experiment[experiments.pop()] = list(map(itemgetter("ts"), rows))
+    else:
+        for experiment, ts in map(itemgetter("experiment", "ts"), rows):
+            by_experiment.setdefault(experiment, []).append(ts)
+    return {
+        (experiment, day)
+        for experiment, times in by_experiment.items()
+        for day in range(utc_day(min(times) - window_s), utc_day(max(times)) + 1)
+    }
 
 
 def days_of_feedback(connection: Connection, request_ids: Sequence[str]) -> set[tuple[str, int]]:
     """The days of the requests this request-level feedback is about (those already stored:
-    a request stored later marks its day then)."""
-    r = requests.c
-    touched: set[tuple[str, int]] = set()
-    for i in range(0, len(request_ids), _LOOKUP_CHUNK):
-        chunk = list(request_ids[i : i + _LOOKUP_CHUNK])
-        rows = connection.execute(
-            sa.select(r.experiment, day_of(connection, r.ts)).where(r.request_id.in_(chunk)).distinct()
-        )
-        touched.update((experiment, int(day)) for experiment, day in rows)
-    return touched
+    a request stored later marks its day then).
+
+    One statement with the ids as one parameter (a PostgreSQL array, a JSON array SQLite's
+    json_each reads) instead of an IN list SQLAlchemy renders per batch: the lookups themselves
+    are primary-key reads.
+    """
+    if not request_ids:
+        return set()
+    if connection.dialect.name == "postgresql":
+        rows = connection.exec_driver_sql(_FEEDBACK_DAYS_PG, (list(request_ids),))
+    else:
+        rows = connection.exec_driver_sql(_FEEDBACK_DAYS_SQLITE, (orjson.dumps(list(request_ids)).decode(),))
+    return {(experiment, int(day)) for experiment, day in rows}
 
 
-_LOOKUP_CHUNK = 5_000
+_FEEDBACK_DAYS_PG = (
+    "SELECT DISTINCT experiment, CAST(floor(ts / 86400) AS INTEGER) FROM requests "
+    "WHERE request_id = ANY(%s::varchar[])"
+)
+_FEEDBACK_DAYS_SQLITE = (
+    "SELECT DISTINCT experiment, CAST(ts / 86400 AS INTEGER) FROM requests "
+    "WHERE request_id IN (SELECT value FROM json_each(?))"
+)
+_MARK = "INSERT INTO rollup_days (experiment, day, gen) VALUES ({}, {}, 1) " \
+        "ON CONFLICT (experiment, day) DO UPDATE SET gen = rollup_days.gen + 1"  # fmt: skip
 
 
-def mark_written(connection: Connection, days: Iterable[tuple[str, int]], insert: Any) -> None:
-    """Bump each day's gen, in the writer's transaction; `insert` is the dialect's INSERT construct."""
-    rows = [{"experiment": experiment, "day": day, "gen": 1} for experiment, day in sorted(days)]
-    if not rows:
-        return
-    statement = insert(rollup_days)
-    connection.execute(
-        statement.on_conflict_do_update(index_elements=["experiment", "day"], set_={"gen": rollup_days.c.gen + 1}),
-        rows,
-    )
+def mark_written(connection: Connection, days: Iterable[tuple[str, int]]) -> None:
+    """Bump each day's gen, in the writer's transaction (in one order: two writers' upserts of the
+    same days cannot deadlock on PostgreSQL)."""
+    rows = sorted(days)
+    if rows:
+        marks = ("%s", "%s") if connection.dialect.name == "postgresql" else ("?", "?")
+        connection.exec_driver_sql(_MARK.format(*marks), rows)
 
 
 # -- building -----------------------------------------------------------------------------------
