@@ -497,14 +497,15 @@ def store_rollup(config: str | None, store_url: str | None, settle_s: float | No
                 days = [(experiment, day) for experiment, day in rollup.all_days(conn) if day <= last]
         with Progress(transient=True) as progress:
             task = progress.add_task("building days", total=len(days))
+            built = 0
             for experiment, day in days:
-                rollup.build_day(engine, experiment, day, window_s, now)
+                built += rollup.build_day(engine, experiment, day, window_s, now, force=rebuild_all)
                 progress.advance(task)
     except SQLAlchemyError as exc:
         fail(f"rollup failed: {error_line(exc)}")
     finally:
         engine.dispose()
-    click.echo(f"rollup: {len(days)} day(s) built in {time.time() - now:.1f} s")
+    click.echo(f"rollup: {built} day(s) built in {time.time() - now:.1f} s")
 
 
 # -- analysis: the report, and planning ------------------------------------------------------

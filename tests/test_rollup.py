@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -263,6 +264,37 @@ def test_days_loaded_around_the_writer_are_entered_by_a_scan(store_url: str) -> 
         built = rollup.build_due(engine, W, now=NOW)
         assert {day for _, day in built} == {day for day in stored if day < rollup.utc_day(NOW - W)}
         assert _plan(engine, T0, NOW).rolled
+        _assert_same(_dataset(engine, T0, NOW), raw)
+    finally:
+        engine.dispose()
+
+
+def test_two_builds_of_one_day_at_once_count_it_once(store_url: str) -> None:
+    """Two collectors building the same day together: one waits for the other, then finds it
+    current and skips (or, forced, replaces its rows); never both sets of rows."""
+    engine = _store(store_url, _events())
+    try:
+        raw = _dataset(engine, T0, NOW)
+        day = rollup.utc_day(T0 + 4 * DAY)
+        start = threading.Barrier(4)
+        results: list[bool] = []
+
+        def build(force: bool) -> None:
+            start.wait()
+            results.append(rollup.build_day(engine, EXPERIMENT, day, W, NOW, force=force))
+
+        threads = [threading.Thread(target=build, args=(force,)) for force in (False, False, True, True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results.count(True) >= 2  # both forced builds ran; at most one unforced one did
+        rollup.build_due(engine, W, now=NOW)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(sa.func.sum(rollup_requests.c.requests)).where(rollup_requests.c.day == day))
+            stored = conn.execute(sa.select(sa.func.count()).select_from(requests).where(
+                requests.c.ts >= day * DAY, requests.c.ts < (day + 1) * DAY)).scalar_one()  # fmt: skip
+        assert rows.scalar_one() == stored
         _assert_same(_dataset(engine, T0, NOW), raw)
     finally:
         engine.dispose()

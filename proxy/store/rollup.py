@@ -296,13 +296,26 @@ def due(conn: Connection, window_s: float, now: float, settle_s: float) -> list[
     return [(experiment, int(day)) for experiment, day in rows]
 
 
-def build_day(engine: Engine, experiment: str, day: int, window_s: float, now: float | None = None) -> None:
-    """Rebuild one day's rollup from the raw rows, in one transaction."""
+def build_day(
+    engine: Engine, experiment: str, day: int, window_s: float, now: float | None = None, *, force: bool = False
+) -> bool:
+    """Rebuild one day's rollup from the raw rows, in one transaction; False if it was current
+    once this build held the day (another collector built it meanwhile) and not `force`."""
     span = [Span(day * DAY_S, (day + 1) * DAY_S)]
     d = rollup_days.c
+    this_day = sa.and_(d.experiment == experiment, d.day == day)
     with engine.begin() as conn:
-        # The deletes first: on SQLite the transaction then holds the write lock before it reads,
-        # so no other writer can commit between the gen read and the inserts.
+        # One build of a day at a time: two collectors building it together would each delete the
+        # rows the other had not committed yet, then both insert (the day counted twice).
+        # PostgreSQL: a transaction-scoped advisory lock, which leaves rollup_days' row free for
+        # the writers' marks. SQLite: a write first, so the transaction holds the database's write
+        # lock before it reads and no other writer commits between the gen read and the inserts.
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(experiment), day)))
+        else:
+            conn.execute(sa.update(rollup_days).where(this_day).values(gen=d.gen))
+        if not force and conn.execute(sa.select(d.day).where(this_day, _current(window_s))).first() is not None:
+            return False
         for table in (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency):
             conn.execute(sa.delete(table).where(table.c.experiment == experiment, table.c.day == day))
         gen = conn.execute(sa.select(d.gen).where(d.experiment == experiment, d.day == day)).scalar()
@@ -324,19 +337,18 @@ def build_day(engine: Engine, experiment: str, day: int, window_s: float, now: f
         if gen is None:  # a day no write marked (stored before this table existed, or an empty day)
             conn.execute(sa.insert(rollup_days).values(experiment=experiment, day=day, gen=0, **values))
         else:
-            conn.execute(sa.update(rollup_days).where(d.experiment == experiment, d.day == day).values(**values))
+            conn.execute(sa.update(rollup_days).where(this_day).values(**values))
+    return True
 
 
 def build_due(
     engine: Engine, window_s: float, *, now: float | None = None, settle_s: float = 0.0
 ) -> list[tuple[str, int]]:
-    """Build every due day; returns them."""
+    """Build every due day; returns those this call built."""
     moment = time.time() if now is None else now
     with engine.connect() as conn:
         days = due(conn, window_s, moment, settle_s)
-    for experiment, day in days:
-        build_day(engine, experiment, day, window_s, moment)
-    return days
+    return [(experiment, day) for experiment, day in days if build_day(engine, experiment, day, window_s, moment)]
 
 
 # -- reading: which of a window's days the report may take from the rollup -----------------------
