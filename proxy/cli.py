@@ -491,10 +491,7 @@ def store_rollup(config: str | None, store_url: str | None, settle_s: float | No
             with engine.begin() as conn:
                 rollup.enter_stored_days(conn)
         with engine.connect() as conn:
-            days = rollup.due(conn, window_s, now, settle)
-            if rebuild_all:
-                last = rollup.utc_day(now - window_s - settle) - 1
-                days = [(experiment, day) for experiment, day in rollup.all_days(conn) if day <= last]
+            days = rollup.due(conn, window_s, now, settle, current_too=rebuild_all)
         with Progress(transient=True) as progress:
             task = progress.add_task("building days", total=len(days))
             built = 0

@@ -97,14 +97,14 @@ class Dataset:
 
 def load(conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float) -> Dataset:
     plan = rollup.plan(conn, experiment, window.since, window.until, regeneration_window_s)
-    reader = _Reader(conn, experiment, window, plan)
-    groups = reader.columns(rollup_requests, rollup.request_groups(conn, experiment, plan.live, regeneration_window_s))
+    source = _Source(conn, experiment, window, plan, rollup.utc_day(window.since))
+    groups = source.columns(rollup_requests, rollup.request_groups(conn, experiment, plan.live, regeneration_window_s))
     _, day, user_hash, variant, percent, first_ts, n, failed, empty, answered, latency, cost, regenerated = groups
     users = sorted({user for user in user_hash if user is not None})
-    reader.index = {user: i for i, user in enumerate(users)}
-    user = reader.user_index(user_hash)
+    index = {user: i for i, user in enumerate(users)}
+    user = _user_index(index, user_hash)
     treated_row = np.array([v == "treatment" for v in variant], dtype=np.bool_)
-    days = np.array(day, dtype=np.int64) - reader.day0
+    days = np.array(day, dtype=np.int64) - source.day0
     first = _first_rows(user, np.array(first_ts, dtype=np.float64))
     data = Dataset(
         window=window,
@@ -113,11 +113,12 @@ def load(conn: Connection, experiment: str, window: Window, *, regeneration_wind
         first_day=days[first.rows],
         expected_treatment=np.array([(p or 0.0) / 100.0 for p in percent], dtype=np.float64)[first.rows],
     )
-    reader.decide_ties(data, first.tied)
-    reader.data = data
+    reader = _Reader(source, data, index)
+    reader.decide_ties(first.tied)
     counts = _floats(n)
     variants = np.array(variant, dtype=object)
-    data.requests_by_variant = {v: int(counts[variants == v].sum()) for v in sorted(set(variant))}
+    names = sorted(set(variant))
+    data.requests_by_variant = {v: int(counts[variants == v].sum()) for v in names}
     data.unidentified_requests = int(counts[user < 0].sum())
     member = reader.members(user, treated_row)
     data.crossover_users = int(np.unique(user[(user >= 0) & ~member]).size)
@@ -132,7 +133,7 @@ def load(conn: Connection, experiment: str, window: Window, *, regeneration_wind
     reader.episodes()
     reader.request_feedback()
     reader.user_feedback()
-    reader.latencies(sorted(set(variant)))
+    reader.latencies(names)
     return data
 
 
@@ -172,16 +173,16 @@ def _observations(user: IntArray, day: IntArray, num: FloatArray, den: FloatArra
     return Observations(user[keep], day[keep], num[keep], den[keep])
 
 
-class _Reader:
-    """One load's reads: each part from the rolled-up days and the live spans, as numpy columns."""
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """Where one load reads: the rolled-up days and the live spans of its window."""
 
-    def __init__(self, conn: Connection, experiment: str, window: Window, plan: rollup.Plan) -> None:
-        self.conn, self.experiment, self.window, self.plan = conn, experiment, window, plan
-        self.day0 = rollup.utc_day(window.since)
-        self.index: dict[str, int] = {}
-        self.data: Dataset | None = None
+    conn: Connection
+    experiment: str
+    window: Window
+    plan: rollup.Plan
+    day0: int  # the UTC day the window starts on: day numbers count from it
 
-    # -- reading ------------------------------------------------------------------------------
     def parts(self, table: sa.Table, live: sa.Select[Any]) -> list[sa.Select[Any]]:
         """The rolled-up days' rows of `table` and the live aggregation, in the same columns."""
         parts: list[sa.Select[Any]] = []
@@ -215,35 +216,41 @@ class _Reader:
                 result.close()
         return rows
 
-    def user_index(self, user_hash: Sequence[str | None]) -> IntArray:
-        """Each row's user index; -1 for no identified user (or one with no request in the window)."""
-        # dict.get over the column: C-level work per row, None (no user) as -1 like any unknown.
-        index: dict[str | None, int] = self.index  # type: ignore[assignment]
-        return np.fromiter(map(index.get, user_hash, repeat(-1)), np.int64, len(user_hash))
+
+def _user_index(index: dict[str, int], user_hash: Sequence[str | None]) -> IntArray:
+    """Each row's user index; -1 for no identified user (or one with no request in the window)."""
+    # dict.get over the column: C-level work per row, None (no user) as -1 like any unknown.
+    lookup: dict[str | None, int] = index  # type: ignore[assignment]
+    return np.fromiter(map(lookup.get, user_hash, repeat(-1)), np.int64, len(user_hash))
+
+
+class _Reader:
+    """One load's parts, each read through `src` and added to `data`; `index`: user hash -> index."""
+
+    def __init__(self, src: _Source, data: Dataset, index: dict[str, int]) -> None:
+        self.src, self.data, self.index = src, data, index
 
     def members(self, user: IntArray, treated_row: BoolArray) -> BoolArray:
         """Rows of a user in the arm of their first exposure; a crossover's other rows are not."""
-        assert self.data is not None
         known = user >= 0
         member = known.copy()
         member[known] = self.data.treatment[user[known]] == treated_row[known]
         return member
 
     def rows_of(self, user_hash: Sequence[str | None], variant: Sequence[str]) -> tuple[IntArray, BoolArray]:
-        user = self.user_index(user_hash)
+        user = _user_index(self.index, user_hash)
         return user, self.members(user, np.array([v == "treatment" for v in variant], dtype=np.bool_))
 
-    # -- the parts ----------------------------------------------------------------------------
-    def decide_ties(self, data: Dataset, tied: IntArray) -> None:
+    def decide_ties(self, tied: IntArray) -> None:
         """A user's rows tied at their earliest `ts`: the lowest request id decides, as
         ROW_NUMBER() OVER (ORDER BY ts, request_id) did. Rare: those users' requests are read."""
-        r = requests.c
+        r, data = requests.c, self.data
         names = [data.users[u] for u in tied.tolist()]
         for i in range(0, len(names), _TIE_CHUNK):
             chunk = names[i : i + _TIE_CHUNK]
-            rows = self.conn.execute(
+            rows = self.src.conn.execute(
                 sa.select(r.user_hash, r.variant, r.rollout_percent)
-                .where(*_in_window(self.experiment, self.window), r.user_hash.in_(chunk))
+                .where(*_in_window(self.src.experiment, self.src.window), r.user_hash.in_(chunk))
                 .order_by(r.ts, r.request_id)
             ).all()  # fmt: skip
             decided: set[str] = set()
@@ -257,9 +264,8 @@ class _Reader:
     def episodes(self) -> None:
         """Turns per episode, an episode on the day of its first request in the window: its
         fragments (one per day) are summed across days in the database."""
-        assert self.data is not None
-        live = rollup.episode_fragments(self.conn, self.experiment, self.plan.live)
-        parts = self.parts(rollup_episodes, live)
+        live = rollup.episode_fragments(self.src.conn, self.src.experiment, self.src.plan.live)
+        parts = self.src.parts(rollup_episodes, live)
         if not parts:
             self.data.requests["turns_per_episode"] = Observations.empty()
             return
@@ -272,22 +278,21 @@ class _Reader:
             .subquery()
         )  # fmt: skip
         e = per_episode.c
-        day = rollup.day_of(self.conn, e.started).label("day")
+        day = rollup.day_of(self.src.conn, e.started).label("day")
         select = sa.select(e.user_hash, e.variant, day, sa.func.count(), sa.func.sum(e.turns)).group_by(
             e.user_hash, e.variant, day
         )
-        user_hash, variant, days, episodes, turns = self.fetch([select], 5)
+        user_hash, variant, days, episodes, turns = self.src.fetch([select], 5)
         user, member = self.rows_of(user_hash, variant)
         self.data.requests["turns_per_episode"] = _observations(
-            user, np.array(days, dtype=np.int64) - self.day0, _floats(turns), _floats(episodes), member
+            user, np.array(days, dtype=np.int64) - self.src.day0, _floats(turns), _floats(episodes), member
         )
 
     def request_feedback(self) -> None:
-        assert self.data is not None
-        live = rollup.feedback_groups(self.conn, self.experiment, self.plan.live)
-        _, day, user_hash, variant, metric, total, count = self.columns(rollup_feedback, live)
+        live = rollup.feedback_groups(self.src.conn, self.src.experiment, self.src.plan.live)
+        _, day, user_hash, variant, metric, total, count = self.src.columns(rollup_feedback, live)
         user, member = self.rows_of(user_hash, variant)
-        days, num, den = np.array(day, dtype=np.int64) - self.day0, _floats(total), _floats(count)
+        days, num, den = np.array(day, dtype=np.int64) - self.src.day0, _floats(total), _floats(count)
         metrics = np.array(metric, dtype=object)
         self.data.request_feedback = {
             name: _observations(user, days, num, den, member & (metrics == name)) for name in sorted(set(metric))
@@ -296,17 +301,16 @@ class _Reader:
     def user_feedback(self) -> None:
         """One value per user and metric: one scoped to this experiment beats one sent for the
         user in general. Its day: when it was sent, but never before the user's first exposure."""
-        assert self.data is not None
         data, fb = self.data, feedback.c
-        select = sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(self.conn, fb.ts)).where(
+        select = sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(self.src.conn, fb.ts)).where(
             fb.level == "user",
-            sa.or_(fb.experiment == self.experiment, fb.experiment.is_(None)),
-            fb.ts < self.window.until,
+            sa.or_(fb.experiment == self.src.experiment, fb.experiment.is_(None)),
+            fb.ts < self.src.window.until,
         )
-        user_hash, metric, value, scoped_to, day = self.fetch([select], 5)
+        user_hash, metric, value, scoped_to, day = self.src.fetch([select], 5)
         names = sorted(set(metric))
         code = np.fromiter(map({name: i for i, name in enumerate(names)}.__getitem__, metric), np.int64, len(metric))
-        user = self.user_index(user_hash)
+        user = _user_index(self.index, user_hash)
         general = np.array([experiment is None for experiment in scoped_to], dtype=np.bool_)
         known = np.flatnonzero(user >= 0)
         # Per (metric, user), the scoped value first: a (subject, metric) is unique, so at most two.
@@ -315,7 +319,7 @@ class _Reader:
             ordered = ordered[np.r_[True, (code[ordered][1:] != code[ordered][:-1])
                                     | (user[ordered][1:] != user[ordered][:-1])]]  # fmt: skip
         chosen_user = user[ordered]
-        days = np.maximum(np.array(day, dtype=np.int64)[ordered] - self.day0, data.first_day[chosen_user])
+        days = np.maximum(np.array(day, dtype=np.int64)[ordered] - self.src.day0, data.first_day[chosen_user])
         values = np.array(value, dtype=np.float64)[ordered]
         data.user_feedback = {}
         for i, name in enumerate(names):
@@ -326,22 +330,21 @@ class _Reader:
     def latencies(self, variants: list[str]) -> None:
         """Per variant, the window's latency sample (rollup.SAMPLE_SIZE lowest sample keys of its
         answered requests, from the rolled-up days' samples and the live spans'), crossovers left out."""
-        assert self.data is not None
         lat = rollup_latency.c
         size = rollup.SAMPLE_SIZE
         selects: list[sa.Select[Any]] = []
-        if self.plan.rolled:
+        if self.src.plan.rolled:
             selects += [
                 sa.select(lat.variant, lat.sample_key, lat.request_id, lat.user_hash, lat.latency_ms, lat.ttft_ms)
-                .where(lat.experiment == self.experiment, lat.variant == variant, lat.day.in_(self.plan.rolled))
+                .where(lat.experiment == self.src.experiment, lat.variant == variant, lat.day.in_(self.src.plan.rolled))
                 .order_by(lat.sample_key, lat.request_id)
                 .limit(size)
                 for variant in variants
             ]  # fmt: skip
-        if self.plan.live:
-            s = rollup.latency_sample(self.conn, self.experiment, self.plan.live, size).subquery().c
+        if self.src.plan.live:
+            s = rollup.latency_sample(self.src.conn, self.src.experiment, self.src.plan.live, size).subquery().c
             selects.append(sa.select(s.variant, s.sample_key, s.request_id, s.user_hash, s.latency_ms, s.ttft_ms))
-        rows = self.rows(selects)
+        rows = self.src.rows(selects)
         # Python orders str by code point, as both back-ends order the key (rollup.sample_key).
         rows.sort(key=lambda row: (row[0], row[1], row[2]))
         self.data.latency_ms, self.data.ttft_ms = {}, {}

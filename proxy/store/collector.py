@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.event_stream import SCHEMA_VERSION, ConsumerGroupReader, RawEntry, decode_entry
 from proxy.store import rollup
-from proxy.store.db import Prepared, Store, WriteResult, prepare
+from proxy.store.db import ROLLUP_SETTLE_S, Prepared, Store, WriteResult, prepare
 
 log = structlog.get_logger("abproxy")
 
@@ -170,7 +170,7 @@ class Collector:
         claim_idle_ms: int = 60_000,
         metrics: CollectorMetrics | None = None,
         rollup_interval_s: float = 0.0,
-        rollup_settle_s: float = 600.0,
+        rollup_settle_s: float = ROLLUP_SETTLE_S,
     ) -> None:
         self.redis, self.store = redis, store
         self.metrics = metrics if metrics is not None else CollectorMetrics()

@@ -50,6 +50,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
+from proxy.config import CollectorConfig, FeedbackConfig
 from proxy.store import rollup
 from proxy.store.schema import comparisons, feedback, requests
 
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The config's defaults, for a Store or Collector built without settings (tests, scripts).
+REGENERATION_WINDOW_S: float = FeedbackConfig.model_fields["regeneration_window_s"].default
+ROLLUP_SETTLE_S: float = CollectorConfig.model_fields["rollup_settle_s"].default
 SQLITE_WAL_CHECKPOINT_PAGES = 10_000  # see _sqlite_pragmas
 # Any constant: serialises concurrent `migrate` calls on one PostgreSQL database.
 _MIGRATE_LOCK_ID = 0x61627078
@@ -169,7 +173,7 @@ def prepare(event: dict[str, Any]) -> Prepared:
 
 
 class Store:
-    def __init__(self, engine: Engine, *, regeneration_window_s: float = 120.0) -> None:
+    def __init__(self, engine: Engine, *, regeneration_window_s: float = REGENERATION_WINDOW_S) -> None:
         self.engine = engine
         # Which days a write changes (rollup.days_of_requests): the report's regeneration window.
         self.regeneration_window_s = regeneration_window_s

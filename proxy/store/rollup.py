@@ -268,11 +268,6 @@ def enter_stored_days(conn: Connection) -> int:
     return max(result.rowcount, 0)
 
 
-def all_days(conn: Connection) -> list[tuple[str, int]]:
-    d = rollup_days.c
-    return [(experiment, int(day)) for experiment, day in conn.execute(sa.select(d.experiment, d.day).order_by(d.day))]
-
-
 
 def _current(window_s: float) -> Any:
     d = rollup_days.c
@@ -284,15 +279,15 @@ def _current(window_s: float) -> Any:
     )
 
 
-def due(conn: Connection, window_s: float, now: float, settle_s: float) -> list[tuple[str, int]]:
-    """Days not current whose end is past by the regeneration window and `settle_s`, oldest first."""
+def due(
+    conn: Connection, window_s: float, now: float, settle_s: float, *, current_too: bool = False
+) -> list[tuple[str, int]]:
+    """Days not current (or all, `current_too`) whose end is past by the regeneration window and
+    `settle_s`, oldest first."""
     d = rollup_days.c
     last_closed = utc_day(now - window_s - settle_s) - 1
-    rows = conn.execute(
-        sa.select(d.experiment, d.day)
-        .where(d.day <= last_closed, sa.not_(_current(window_s)))
-        .order_by(d.day, d.experiment)
-    )
+    query = sa.select(d.experiment, d.day).where(d.day <= last_closed).order_by(d.day, d.experiment)
+    rows = conn.execute(query if current_too else query.where(sa.not_(_current(window_s))))
     return [(experiment, int(day)) for experiment, day in rows]
 
 
