@@ -24,6 +24,7 @@ from proxy.store.db import Store, engine_for, migrate, request_row
 from proxy.store.schema import requests, rollup_days, rollup_requests
 from tests.synthetic import DAY, EXPERIMENT, Scenario, generate
 from tests.test_report import _settings
+from tests.test_store import request_event
 
 W = 120.0  # the settings' regeneration window (feedback.regeneration_window_s)
 NOW = time.time()
@@ -336,3 +337,19 @@ def test_a_store_before_the_rollup_is_read_raw(store_url: str) -> None:
         _assert_same(_dataset(engine, T0, NOW), before)
     finally:
         engine.dispose()
+
+
+def test_an_in_memory_store_is_read_on_its_one_connection() -> None:
+    """A report reads its episodes on a second connection, which would find another, empty
+    in-memory database (no such table): in memory, all of it is read on the caller's."""
+    engine = engine_for("sqlite://")
+    migrate(engine)
+    Store(engine).write([
+        request_event(f"r{i}", user_hash=f"u{i % 3}", ts=T0 + i, variant="control", rollout_percent=50.0,
+                      episode_id=f"e{i % 2}")
+        for i in range(6)
+    ])  # fmt: skip
+    with engine.connect() as conn:
+        data = load(conn, EXPERIMENT, Window(T0, T0 + 100), regeneration_window_s=W)
+    turns = data.requests["turns_per_episode"]
+    assert (turns.num.sum(), turns.den.sum()) == (6, 6)  # each user's 2 requests: one per episode
