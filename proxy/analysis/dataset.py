@@ -22,8 +22,8 @@ them in either arm would mix the two treatments in one unit.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import Any
@@ -100,17 +100,15 @@ def load(conn: Connection, experiment: str, window: Window, *, regeneration_wind
     plan = rollup.plan(conn, experiment, window.since, window.until, regeneration_window_s)
     source = _Source(conn, experiment, window, plan, rollup.utc_day(window.since))
     if conn.engine.url.database in (None, "", ":memory:"):  # an in-memory SQLite: one connection sees it
-        done: Future[list[list[Any]] | None] = Future()
-        done.set_result(_episodes(source))
-        return _load(source, done, regeneration_window_s)
+        return _load(source, lambda: _episodes(source), regeneration_window_s)
     # The episodes' aggregation is the database's longest read (7 of its 10 s at 10M requests)
     # and the other reads are mostly Python's: on a second connection, the two overlap.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        episodes = pool.submit(_episodes_apart, conn.engine, source)
-        return _load(source, episodes, regeneration_window_s)
+        return _load(source, pool.submit(_episodes_apart, conn.engine, source).result, regeneration_window_s)
 
 
-def _load(source: _Source, episodes: Future[list[list[Any]] | None], regeneration_window_s: float) -> Dataset:
+def _load(source: _Source, episodes: Callable[[], list[list[Any]] | None], regeneration_window_s: float) -> Dataset:
+    """`load` once the episodes are being read: `episodes()` gives their rows when needed."""
     conn, experiment, window = source.conn, source.experiment, source.window
     live = rollup.request_groups(conn, experiment, source.plan.live, regeneration_window_s)
     groups = source.columns(rollup_requests, live)
@@ -145,7 +143,7 @@ def _load(source: _Source, episodes: Future[list[list[Any]] | None], regeneratio
         ("regenerated", regenerated, n),
     ):
         data.requests[name] = _observations(user, days, _floats(num), _floats(den), member)
-    reader.episodes(episodes.result())
+    reader.episodes(episodes())
     reader.request_feedback()
     reader.user_feedback()
     reader.latencies(names)

@@ -268,7 +268,6 @@ def enter_stored_days(conn: Connection) -> int:
     return max(result.rowcount, 0)
 
 
-
 def _current(window_s: float) -> Any:
     d = rollup_days.c
     # Never-built days hold NULLs, and NOT (NULL = x) is NULL, not true: coalesced, so due() finds them.
@@ -313,7 +312,7 @@ def build_day(
             return False
         for table in (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency):
             conn.execute(sa.delete(table).where(table.c.experiment == experiment, table.c.day == day))
-        gen = conn.execute(sa.select(d.gen).where(d.experiment == experiment, d.day == day)).scalar()
+        gen = conn.execute(sa.select(d.gen).where(this_day)).scalar()
         for table, select in (
             (rollup_requests, request_groups(conn, experiment, span, window_s)),
             (rollup_episodes, episode_fragments(conn, experiment, span)),
