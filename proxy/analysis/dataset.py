@@ -22,17 +22,20 @@ them in either arm would mix the two treatments in one unit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from itertools import repeat
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from proxy.analysis import columnar
 from proxy.store import rollup
 from proxy.store.schema import feedback, requests, rollup_episodes, rollup_feedback, rollup_latency, rollup_requests
 
@@ -98,55 +101,58 @@ class Dataset:
 
 def load(conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float) -> Dataset:
     plan = rollup.plan(conn, experiment, window.since, window.until, regeneration_window_s)
-    source = _Source(conn, experiment, window, plan, rollup.utc_day(window.since))
-    if conn.engine.url.database in (None, "", ":memory:"):  # an in-memory SQLite: one connection sees it
-        return _load(source, lambda: _episodes(source), regeneration_window_s)
-    # The episodes' aggregation is the database's longest read (7 of its 10 s at 10M requests)
-    # and the other reads are mostly Python's: on a second connection, the two overlap.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return _load(source, pool.submit(_episodes_apart, conn.engine, source).result, regeneration_window_s)
+    source = _Source(conn, experiment, window, plan, rollup.utc_day(window.since), regeneration_window_s)
+    if columnar.in_memory(conn.engine):  # one connection sees it: everything read in turn on it
+        with columnar.reader(conn) as read:
+            return _load(source, {part: partial(reads, source, read) for part, reads in _READS.items()})
+    # Each part on a connection of its own, all at once: the database works on both cores while
+    # the drivers take the rows, mostly outside the GIL. The bench's 10M requests, same session:
+    # PostgreSQL 9.1 s at once against 11.0 s in turn, SQLite 10.8 against 13.6.
+    with ThreadPoolExecutor(max_workers=len(_READS)) as pool:
+        futures = {part: pool.submit(_read_apart, conn.engine, partial(read, source)) for part, read in _READS.items()}
+        return _load(source, {part: future.result for part, future in futures.items()})
 
 
-def _load(source: _Source, episodes: Callable[[], list[list[Any]] | None], regeneration_window_s: float) -> Dataset:
-    """`load` once the episodes are being read: `episodes()` gives their rows when needed."""
-    conn, experiment, window = source.conn, source.experiment, source.window
-    live = rollup.request_groups(conn, experiment, source.plan.live, regeneration_window_s)
-    groups = source.columns(rollup_requests, live)
-    _, day, user_hash, variant, percent, first_ts, n, failed, empty, answered, latency, cost, regenerated = groups
-    users = sorted({user for user in user_hash if user is not None})
-    index = {user: i for i, user in enumerate(users)}
-    user = _user_index(index, user_hash)
-    treated_row = np.array([v == "treatment" for v in variant], dtype=np.bool_)
-    days = np.array(day, dtype=np.int64) - source.day0
-    first = _first_rows(user, np.array(first_ts, dtype=np.float64))
+def _read_apart(engine: Engine, reads: Callable[[columnar.Reader], pa.Table]) -> pa.Table:
+    with columnar.engine_reader(engine) as read:
+        return reads(read)
+
+
+def _load(source: _Source, tables: Mapping[str, Callable[[], pa.Table]]) -> Dataset:
+    """`load` once its parts are being read: `tables[part]()` gives a part's table (see _READS)."""
+    groups = tables["requests"]()
+    users = _sorted_users(groups["user_hash"])
+    user = _user_index(users, groups["user_hash"])
+    treated_row = _equals(groups["variant"], "treatment")
+    days = _ints(groups["day"]) - source.day0
+    first = _first_rows(user, _floats(groups["first_ts"]))
     data = Dataset(
-        window=window,
-        users=users,
+        window=source.window,
+        users=users.to_pylist(),
         treatment=treated_row[first.rows],
         first_day=days[first.rows],
-        expected_treatment=np.array([(p or 0.0) / 100.0 for p in percent], dtype=np.float64)[first.rows],
+        expected_treatment=(_floats(groups["rollout_percent"]) / 100.0)[first.rows],
     )
-    reader = _Reader(source, data, index)
+    reader = _Reader(source, data, users)
     reader.decide_ties(first.tied)
-    counts = _floats(n)
-    variants = np.array(variant, dtype=object)
-    names = sorted(set(variant))
-    data.requests_by_variant = {v: int(counts[variants == v].sum()) for v in names}
+    counts = _floats(groups["requests"])
+    names = _distinct(groups["variant"])
+    data.requests_by_variant = {v: int(counts[_equals(groups["variant"], v)].sum()) for v in names}
     data.unidentified_requests = int(counts[user < 0].sum())
     member = reader.members(user, treated_row)
     data.crossover_users = int(np.unique(user[(user >= 0) & ~member]).size)
     for name, num, den in (
-        ("error", failed, n),
-        ("empty_response", empty, n),
-        ("latency_mean", latency, answered),
-        ("cost_per_query", cost, n),
-        ("regenerated", regenerated, n),
+        ("error", "failed", "requests"),
+        ("empty_response", "empty", "requests"),
+        ("latency_mean", "latency_ms", "answered"),
+        ("cost_per_query", "cost_usd", "requests"),
+        ("regenerated", "regenerated", "requests"),
     ):
-        data.requests[name] = _observations(user, days, _floats(num), _floats(den), member)
-    reader.episodes(episodes())
-    reader.request_feedback()
-    reader.user_feedback()
-    reader.latencies(names)
+        data.requests[name] = _observations(user, days, _floats(groups[num]), _floats(groups[den]), member)
+    reader.episodes(tables["episodes"]())
+    reader.request_feedback(tables["request_feedback"]())
+    reader.user_feedback(tables["user_feedback"]())
+    reader.latencies(tables["latencies"]())
     return data
 
 
@@ -177,9 +183,42 @@ def _first_rows(user: IntArray, first_ts: FloatArray) -> _FirstRows:
     return _FirstRows(order[starts], sorted_user[starts[tied]])
 
 
-def _floats(values: Sequence[float | None]) -> FloatArray:
-    """A column as floats, a NULL sum (no request had a value) as 0."""
-    return np.nan_to_num(np.array(values, dtype=np.float64), nan=0.0)
+# -- Arrow columns to numpy: vectorised, a NULL as the value the statistics take for it --------
+
+
+def _floats(column: pa.ChunkedArray) -> FloatArray:
+    """A column as floats, a NULL (a sum over no value) as 0."""
+    return np.asarray(pc.fill_null(column.cast(pa.float64()), 0.0).to_numpy(), dtype=np.float64)
+
+
+def _ints(column: pa.ChunkedArray) -> IntArray:
+    return np.asarray(column.cast(pa.int64()).to_numpy(), dtype=np.int64)
+
+
+def _texts(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    # A column of NULLs only (from rows built out of Python values) has Arrow's null type.
+    return column.cast(pa.string()) if pa.types.is_null(column.type) else column
+
+
+def _equals(column: pa.ChunkedArray, value: str) -> BoolArray:
+    return np.asarray(pc.fill_null(pc.equal(_texts(column), value), False).to_numpy(), dtype=np.bool_)
+
+
+def _distinct(column: pa.ChunkedArray) -> list[str]:
+    """The column's values, sorted, NULL left out."""
+    return sorted(pc.unique(_texts(column)).drop_null().to_pylist())
+
+
+def _sorted_users(user_hash: pa.ChunkedArray) -> pa.Array:
+    """The identified users, in code point order (Arrow sorts UTF-8 by bytes: the same order)."""
+    users = pc.unique(_texts(user_hash)).drop_null()
+    return users.take(pc.sort_indices(users))
+
+
+def _user_index(users: pa.Array, user_hash: pa.ChunkedArray) -> IntArray:
+    """Each row's user index; -1 for no identified user (or one with no request in the window)."""
+    found = pc.index_in(_texts(user_hash), value_set=users)
+    return np.asarray(pc.fill_null(found, -1).cast(pa.int64()).to_numpy(), dtype=np.int64)
 
 
 def _observations(user: IntArray, day: IntArray, num: FloatArray, den: FloatArray, keep: BoolArray) -> Observations:
@@ -190,14 +229,25 @@ def _observations(user: IntArray, day: IntArray, num: FloatArray, den: FloatArra
 class _Source:
     """Where one load reads: the rolled-up days and the live spans of its window."""
 
-    conn: Connection
+    conn: Connection  # the caller's: its dialect shapes the SQL; the rare reads of raw requests
     experiment: str
     window: Window
     plan: rollup.Plan
     day0: int  # the UTC day the window starts on: day numbers count from it
+    regeneration_window_s: float
+
+    def table(self, read: columnar.Reader, table: sa.Table, live: sa.Select[Any]) -> pa.Table:
+        parts = self.parts(table, live)
+        return read.table(parts) if parts else columnar.empty(self.columns(live))
+
+    def columns(self, live: sa.Select[Any]) -> sa.Select[Any]:
+        """`live` without the experiment column: the load knows it."""
+        kept = [c for c in live.selected_columns if c.name != "experiment"]
+        return live.with_only_columns(*kept, maintain_column_froms=True)
 
     def parts(self, table: sa.Table, live: sa.Select[Any]) -> list[sa.Select[Any]]:
         """The rolled-up days' rows of `table` and the live aggregation, in the same columns."""
+        live = self.columns(live)
         parts: list[sa.Select[Any]] = []
         if self.plan.rolled:
             t = table.c
@@ -207,41 +257,12 @@ class _Source:
             parts.append(live)
         return parts
 
-    def columns(self, table: sa.Table, live: sa.Select[Any]) -> list[list[Any]]:
-        return self.fetch(self.parts(table, live), len(live.selected_columns))
-
-    def fetch(self, selects: Sequence[sa.Select[Any]], width: int) -> list[list[Any]]:
-        """The rows of all `selects` (same columns), as one list per column (zip(*rows) would
-        build a tuple per row): at 10M requests a report reads about a million rows."""
-        rows = self.rows(selects)
-        return [[row[k] for row in rows] for k in range(width)]
-
-    def rows(self, selects: Sequence[sa.Select[Any]]) -> list[Sequence[Any]]:
-        """The rows of all `selects`: the DBAPI cursor's tuples, not SQLAlchemy's Row objects."""
-        rows: list[Sequence[Any]] = []
-        for select in selects:
-            result = self.conn.execute(select)
-            cursor = result.cursor
-            try:
-                while chunk := cursor.fetchmany(_FETCH_ROWS):
-                    rows.extend(chunk)
-            finally:
-                result.close()
-        return rows
-
-
-def _user_index(index: dict[str, int], user_hash: Sequence[str | None]) -> IntArray:
-    """Each row's user index; -1 for no identified user (or one with no request in the window)."""
-    # dict.get over the column: C-level work per row, None (no user) as -1 like any unknown.
-    lookup: dict[str | None, int] = index  # type: ignore[assignment]
-    return np.fromiter(map(lookup.get, user_hash, repeat(-1)), np.int64, len(user_hash))
-
 
 class _Reader:
-    """One load's parts, each read through `src` and added to `data`; `index`: user hash -> index."""
+    """One load's parts, each added to `data` from its table; `users`: index -> user hash."""
 
-    def __init__(self, src: _Source, data: Dataset, index: dict[str, int]) -> None:
-        self.src, self.data, self.index = src, data, index
+    def __init__(self, src: _Source, data: Dataset, users: pa.Array) -> None:
+        self.src, self.data, self.users = src, data, users
 
     def members(self, user: IntArray, treated_row: BoolArray) -> BoolArray:
         """Rows of a user in the arm of their first exposure; a crossover's other rows are not."""
@@ -250,15 +271,16 @@ class _Reader:
         member[known] = self.data.treatment[user[known]] == treated_row[known]
         return member
 
-    def rows_of(self, user_hash: Sequence[str | None], variant: Sequence[str]) -> tuple[IntArray, BoolArray]:
-        user = _user_index(self.index, user_hash)
-        return user, self.members(user, np.array([v == "treatment" for v in variant], dtype=np.bool_))
+    def rows_of(self, user_hash: pa.ChunkedArray, variant: pa.ChunkedArray) -> tuple[IntArray, BoolArray]:
+        user = _user_index(self.users, user_hash)
+        return user, self.members(user, _equals(variant, "treatment"))
 
     def decide_ties(self, tied: IntArray) -> None:
         """A user's rows tied at their earliest `ts`: the lowest request id decides, as
         ROW_NUMBER() OVER (ORDER BY ts, request_id) did. Rare: those users' requests are read."""
         r, data = requests.c, self.data
         names = [data.users[u] for u in tied.tolist()]
+        index = {name: int(u) for name, u in zip(names, tied.tolist(), strict=True)}
         for i in range(0, len(names), _TIE_CHUNK):
             chunk = names[i : i + _TIE_CHUNK]
             rows = self.src.conn.execute(
@@ -270,45 +292,34 @@ class _Reader:
             for user_hash, variant, percent in rows:
                 if user_hash not in decided:  # the user's first row in (ts, request id) order
                     decided.add(user_hash)
-                    u = self.index[user_hash]
+                    u = index[user_hash]
                     data.treatment[u] = variant == "treatment"
                     data.expected_treatment[u] = (percent or 0.0) / 100.0
 
-    def episodes(self, rows: list[list[Any]] | None) -> None:
-        """Turns per episode from `_episodes`' columns (None: no episode can be in the window)."""
-        if rows is None:
-            self.data.requests["turns_per_episode"] = Observations.empty()
-            return
-        user_hash, variant, days, episodes, turns = rows
-        user, member = self.rows_of(user_hash, variant)
+    def episodes(self, table: pa.Table) -> None:
+        """Turns per episode from `_episodes`' table."""
+        user, member = self.rows_of(table["user_hash"], table["variant"])
         self.data.requests["turns_per_episode"] = _observations(
-            user, np.array(days, dtype=np.int64) - self.src.day0, _floats(turns), _floats(episodes), member
+            user, _ints(table["day"]) - self.src.day0, _floats(table["turns"]), _floats(table["episodes"]), member
         )
 
-    def request_feedback(self) -> None:
-        live = rollup.feedback_groups(self.src.conn, self.src.experiment, self.src.plan.live)
-        _, day, user_hash, variant, metric, total, count = self.src.columns(rollup_feedback, live)
-        user, member = self.rows_of(user_hash, variant)
-        days, num, den = np.array(day, dtype=np.int64) - self.src.day0, _floats(total), _floats(count)
-        metrics = np.array(metric, dtype=object)
+    def request_feedback(self, groups: pa.Table) -> None:
+        user, member = self.rows_of(groups["user_hash"], groups["variant"])
+        days, num, den = _ints(groups["day"]) - self.src.day0, _floats(groups["total"]), _floats(groups["count"])
         self.data.request_feedback = {
-            name: _observations(user, days, num, den, member & (metrics == name)) for name in sorted(set(metric))
+            name: _observations(user, days, num, den, member & _equals(groups["metric"], name))
+            for name in _distinct(groups["metric"])
         }
 
-    def user_feedback(self) -> None:
+    def user_feedback(self, rows: pa.Table) -> None:
         """One value per user and metric: one scoped to this experiment beats one sent for the
         user in general. Its day: when it was sent, but never before the user's first exposure."""
-        data, fb = self.data, feedback.c
-        select = sa.select(fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(self.src.conn, fb.ts)).where(
-            fb.level == "user",
-            sa.or_(fb.experiment == self.src.experiment, fb.experiment.is_(None)),
-            fb.ts < self.src.window.until,
-        )
-        user_hash, metric, value, scoped_to, day = self.src.fetch([select], 5)
-        names = sorted(set(metric))
-        code = np.fromiter(map({name: i for i, name in enumerate(names)}.__getitem__, metric), np.int64, len(metric))
-        user = _user_index(self.index, user_hash)
-        general = np.array([experiment is None for experiment in scoped_to], dtype=np.bool_)
+        data = self.data
+        names = _distinct(rows["metric"])
+        code = np.asarray(pc.index_in(_texts(rows["metric"]), value_set=pa.array(names, pa.string()))
+                          .fill_null(-1).cast(pa.int64()).to_numpy(), dtype=np.int64)  # fmt: skip
+        user = _user_index(self.users, rows["user_hash"])
+        general = np.asarray(rows["experiment"].is_null().to_numpy(), dtype=np.bool_)
         known = np.flatnonzero(user >= 0)
         # Per (metric, user), the scoped value first: a (subject, metric) is unique, so at most two.
         ordered = known[np.lexsort((general[known], user[known], code[known]))]
@@ -316,57 +327,80 @@ class _Reader:
             ordered = ordered[np.r_[True, (code[ordered][1:] != code[ordered][:-1])
                                     | (user[ordered][1:] != user[ordered][:-1])]]  # fmt: skip
         chosen_user = user[ordered]
-        days = np.maximum(np.array(day, dtype=np.int64)[ordered] - self.src.day0, data.first_day[chosen_user])
-        values = np.array(value, dtype=np.float64)[ordered]
+        days = np.maximum(_ints(rows["day"])[ordered] - self.src.day0, data.first_day[chosen_user])
+        values = _floats(rows["value"])[ordered]
         data.user_feedback = {}
         for i, name in enumerate(names):
             mine = code[ordered] == i
             data.user_feedback[name] = Observations(chosen_user[mine], days[mine], values[mine],
                                                     np.ones(int(mine.sum())))  # fmt: skip
 
-    def latencies(self, variants: list[str]) -> None:
-        """Per variant, the window's latency sample (rollup.SAMPLE_SIZE lowest sample keys of its
-        answered requests, from the rolled-up days' samples and the live spans'), crossovers left out."""
-        lat = rollup_latency.c
-        size = rollup.SAMPLE_SIZE
-        selects: list[sa.Select[Any]] = []
-        if self.src.plan.rolled:
-            selects += [
-                sa.select(lat.variant, lat.sample_key, lat.request_id, lat.user_hash, lat.latency_ms, lat.ttft_ms)
-                .where(lat.experiment == self.src.experiment, lat.variant == variant, lat.day.in_(self.src.plan.rolled))
-                .order_by(lat.sample_key, lat.request_id)
-                .limit(size)
-                for variant in variants
-            ]  # fmt: skip
-        if self.src.plan.live:
-            s = rollup.latency_sample(self.src.conn, self.src.experiment, self.src.plan.live, size).subquery().c
-            selects.append(sa.select(s.variant, s.sample_key, s.request_id, s.user_hash, s.latency_ms, s.ttft_ms))
-        rows = self.src.rows(selects)
-        # Python orders str by code point, as both back-ends order the key (rollup.sample_key).
-        rows.sort(key=lambda row: (row[0], row[1], row[2]))
+    def latencies(self, rows: pa.Table) -> None:
+        """Per variant, the window's latency sample (`_latencies`), crossovers left out."""
         self.data.latency_ms, self.data.ttft_ms = {}, {}
+        # Arrow orders strings by their UTF-8 bytes, the code point order both back-ends order the key in.
+        rows = rows.sort_by([("sample_key", "ascending"), ("request_id", "ascending")])
         for variant in ("control", "treatment"):
-            mine = [row for row in rows if row[0] == variant][:size]
-            _, member = self.rows_of([row[3] for row in mine], [variant] * len(mine))
-            latency = np.array([row[4] for row in mine], dtype=np.float64)[member]
-            ttft = np.array([row[5] for row in mine], dtype=np.float64)[member]
-            self.data.latency_ms[variant] = latency
-            self.data.ttft_ms[variant] = ttft[~np.isnan(ttft)]
+            mine = rows.filter(pc.equal(_texts(rows["variant"]), variant)).slice(0, rollup.SAMPLE_SIZE)
+            _, member = self.rows_of(mine["user_hash"], mine["variant"])
+            latency = mine["latency_ms"].cast(pa.float64()).to_numpy(zero_copy_only=False)[member]
+            ttft = mine["ttft_ms"].cast(pa.float64()).to_numpy(zero_copy_only=False)[member]
+            self.data.latency_ms[variant] = np.asarray(latency, dtype=np.float64)
+            self.data.ttft_ms[variant] = np.asarray(ttft[~np.isnan(ttft)], dtype=np.float64)
 
 
-def _episodes_apart(engine: Engine, src: _Source) -> list[list[Any]] | None:
-    """`_episodes` on a connection of its own (committed data, as every read of a report)."""
-    with engine.connect() as conn:
-        return _episodes(replace(src, conn=conn))
+# -- the parts of a load: each a read of its own, on one connection -------------------------------
 
 
-def _episodes(src: _Source) -> list[list[Any]] | None:
+def _requests(src: _Source, read: columnar.Reader) -> pa.Table:
+    live = rollup.request_groups(src.conn, src.experiment, src.plan.live, src.regeneration_window_s)
+    return src.table(read, rollup_requests, live)
+
+
+def _request_feedback(src: _Source, read: columnar.Reader) -> pa.Table:
+    return src.table(read, rollup_feedback, rollup.feedback_groups(src.conn, src.experiment, src.plan.live))
+
+
+def _user_feedback(src: _Source, read: columnar.Reader) -> pa.Table:
+    fb = feedback.c
+    select = sa.select(
+        fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(src.conn, fb.ts).label("day")
+    ).where(
+        fb.level == "user",
+        sa.or_(fb.experiment == src.experiment, fb.experiment.is_(None)),
+        fb.ts < src.window.until,
+    )
+    return read.table([select])
+
+
+def _latencies(src: _Source, read: columnar.Reader) -> pa.Table:
+    """Per variant, rollup.SAMPLE_SIZE answered requests or fewer: the lowest sample keys of the
+    rolled-up days' samples, and the live spans' own sample."""
+    lat = rollup_latency.c
+    size = rollup.SAMPLE_SIZE
+    columns = (lat.variant, lat.sample_key, lat.request_id, lat.user_hash, lat.latency_ms, lat.ttft_ms)
+    selects: list[sa.Select[Any]] = []
+    if src.plan.rolled:
+        selects += [
+            sa.select(*columns)
+            .where(lat.experiment == src.experiment, lat.variant == variant, lat.day.in_(src.plan.rolled))
+            .order_by(lat.sample_key, lat.request_id)
+            .limit(size)
+            for variant in ("control", "treatment")
+        ]  # fmt: skip
+    if src.plan.live:
+        s = rollup.latency_sample(src.conn, src.experiment, src.plan.live, size).subquery().c
+        selects.append(sa.select(s.variant, s.sample_key, s.request_id, s.user_hash, s.latency_ms, s.ttft_ms))
+    return read.table(selects) if selects else columnar.empty(sa.select(*columns))
+
+
+def _episodes(src: _Source, read: columnar.Reader) -> pa.Table:
     """Per (user, variant, day): episodes and their turns, an episode on the day of its first
     request in the window: its fragments (one per day) summed across days in the database."""
     live = rollup.episode_fragments(src.conn, src.experiment, src.plan.live)
     parts = src.parts(rollup_episodes, live)
     if not parts:
-        return None
+        return _NO_EPISODES
     fragments = sa.union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
     f = fragments.c
     per_episode = (
@@ -376,15 +410,29 @@ def _episodes(src: _Source) -> list[list[Any]] | None:
     )
     e = per_episode.c
     day = rollup.day_of(src.conn, e.started).label("day")
-    select = sa.select(e.user_hash, e.variant, day, sa.func.count(), sa.func.sum(e.turns)).group_by(
-        e.user_hash, e.variant, day
-    )
-    return src.fetch([select], 5)
+    # A sum of sums is NUMERIC to PostgreSQL: cast back to an integer.
+    turns = sa.cast(sa.func.sum(e.turns), sa.BigInteger).label("turns")
+    return read.table([sa.select(e.user_hash, e.variant, day, turns, sa.func.count().label("episodes"))
+                       .group_by(e.user_hash, e.variant, day)])  # fmt: skip
+
+
+_NO_EPISODES = pa.schema(
+    [("user_hash", pa.string()), ("variant", pa.string()), ("day", pa.int64()), ("turns", pa.int64()),
+     ("episodes", pa.int64())]
+).empty_table()  # fmt: skip
+
+_READS: dict[str, Callable[[_Source, columnar.Reader], pa.Table]] = {
+    "episodes": _episodes,  # the longest: first
+    "requests": _requests,
+    "request_feedback": _request_feedback,
+    "user_feedback": _user_feedback,
+    "latencies": _latencies,
+}
 
 
 def _in_window(experiment: str, window: Window) -> list[Any]:
     return [requests.c.experiment == experiment, requests.c.ts >= window.since, requests.c.ts < window.until]
 
 
-_FETCH_ROWS = 100_000
 _TIE_CHUNK = 500
+

@@ -83,7 +83,7 @@ def day_of(conn: Connection, ts: Any) -> Any:
 
 def sample_key(conn: Connection, request_id: Any) -> Any:
     """The request id past its time prefix, ordered by code point on both back-ends."""
-    key = sa.func.substr(request_id, 9)
+    key = sa.func.substr(request_id, 9, type_=sa.String)
     return sa.collate(key, "C") if conn.dialect.name == "postgresql" else key
 
 

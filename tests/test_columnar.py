@@ -1,0 +1,78 @@
+"""The report's column reader (proxy/analysis/columnar.py) on both back-ends: PostgreSQL through
+its ADBC driver, SQLite through the store's own connection; one table per read whatever the
+parts' values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+
+from proxy.analysis import columnar
+from proxy.store.db import engine_for
+
+metadata = sa.MetaData()
+rows = sa.Table(
+    "columnar_rows",
+    metadata,
+    sa.Column("part", sa.Integer, nullable=False),
+    sa.Column("user_hash", sa.String(64), nullable=True),
+    sa.Column("small", sa.Integer, nullable=False),
+    sa.Column("value", sa.Float, nullable=True),
+)
+
+
+@pytest.fixture
+def engine(store_url: str) -> Iterator[sa.Engine]:
+    engine = engine_for(store_url)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(rows), [
+            # Part 1: no user (a live span's anonymous requests), no value.
+            *({"part": 1, "user_hash": None, "small": i, "value": None} for i in range(1500)),
+            {"part": 2, "user_hash": "00ff", "small": 7, "value": 2.5},
+            {"part": 2, "user_hash": "ä-ü", "small": 8, "value": None},
+        ])  # fmt: skip
+    yield engine
+    engine.dispose()
+
+
+def _part(part: int) -> sa.Select[tuple[str | None, int, float | None]]:
+    r = rows.c
+    return sa.select(r.user_hash, r.small, r.value).where(r.part == part).order_by(r.small)
+
+
+def test_parts_of_nulls_and_of_values_read_as_one_typed_table(engine: sa.Engine) -> None:
+    counted = sa.select(rows.c.part, sa.func.count().label("small"), sa.func.sum(rows.c.value).label("value"))
+    with engine.connect() as conn, columnar.reader(conn) as read:
+        table = read.table([_part(1), _part(2)])
+        totals = read.table([counted.group_by(rows.c.part).order_by(rows.c.part)])
+    assert table.schema.types == [pa.string(), pa.int64(), pa.float64()]
+    assert table.num_rows == 1502
+    assert table["user_hash"].null_count == 1500
+    assert table["user_hash"].to_pylist()[-2:] == ["00ff", "ä-ü"]  # non-ASCII text intact
+    assert table["value"].to_pylist()[-2:] == [2.5, None]
+    assert totals["small"].to_pylist() == [1500, 2]  # a count: int8 on PostgreSQL, typed as the select says
+    assert totals["value"].to_pylist() == [None, 2.5]
+
+
+def test_bound_values_reach_the_database(engine: sa.Engine) -> None:
+    """Parameters, an expanding IN list among them, bound in the driver's own style ($n or ?)."""
+    r = rows.c
+    select = sa.select(r.small).where(r.part.in_([2, 3]), r.user_hash == "ä-ü", r.small > 1).order_by(r.small)
+    with engine.connect() as conn, columnar.reader(conn) as read:
+        assert read.table([select])["small"].to_pylist() == [8]
+
+
+def test_a_read_on_its_own_connection_sees_committed_rows(engine: sa.Engine) -> None:
+    with columnar.engine_reader(engine) as read:
+        assert read.table([_part(2)])["small"].to_pylist() == [7, 8]
+
+
+def test_no_rows_keep_the_declared_types(engine: sa.Engine) -> None:
+    with engine.connect() as conn, columnar.reader(conn) as read:
+        table = read.table([_part(9)])
+    assert table.num_rows == 0
+    assert columnar.empty(_part(9)).schema.types == table.schema.types == [pa.string(), pa.int64(), pa.float64()]
