@@ -4,6 +4,8 @@ parts' values."""
 
 from __future__ import annotations
 
+import socket
+import uuid
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -12,6 +14,7 @@ import sqlalchemy as sa
 
 from proxy.analysis import columnar
 from proxy.store.db import engine_for
+from tests.harness import PostgresServer
 
 metadata = sa.MetaData()
 rows = sa.Table(
@@ -76,3 +79,30 @@ def test_no_rows_keep_the_declared_types(engine: sa.Engine) -> None:
         table = read.table([_part(9)])
     assert table.num_rows == 0
     assert columnar.empty(_part(9)).schema.types == table.schema.types == [pa.string(), pa.int64(), pa.float64()]
+
+
+def test_settings_hold_for_their_read_only(postgres_server: PostgresServer) -> None:
+    engine = engine_for(postgres_server.create_schema(f"t_{uuid.uuid4().hex[:16]}"))
+    setting = sa.select(sa.func.current_setting("enable_hashagg").label("value"))
+    try:
+        with columnar.engine_reader(engine) as read:
+            assert read.table([setting], settings={"enable_hashagg": "off"})["value"].to_pylist() == ["off"]
+            assert read.table([setting])["value"].to_pylist() == ["on"]
+    finally:
+        engine.dispose()
+
+
+def test_the_drivers_errors_are_sqlalchemys(postgres_server: PostgresServer) -> None:
+    """What every caller of a report catches (the CLI, the report API, the rollout controller)."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    unreachable = sa.create_engine(f"postgresql+psycopg://u:pw@127.0.0.1:{closed}/none")
+    with pytest.raises(sa.exc.OperationalError), columnar.engine_reader(unreachable):
+        pass
+    engine = engine_for(postgres_server.create_schema(f"t_{uuid.uuid4().hex[:16]}"))
+    try:
+        with pytest.raises(sa.exc.ProgrammingError, match="columnar_rows"), columnar.engine_reader(engine) as read:
+            read.table([_part(1)])  # the table was never created in this schema
+    finally:
+        engine.dispose()

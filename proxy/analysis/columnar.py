@@ -21,9 +21,10 @@ reader has a connection of its own, so it reads committed data, as every read of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import adbc_driver_manager.dbapi
 import adbc_driver_postgresql.dbapi
 import pyarrow as pa
 import sqlalchemy as sa
@@ -32,8 +33,9 @@ from sqlalchemy.engine import Connection, Engine
 
 
 class Reader(Protocol):
-    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
-        """The rows of all `selects` (the same columns), as one table."""
+    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
+        """The rows of all `selects` (the same columns), as one table. `settings`: PostgreSQL's
+        planner settings for these reads (SQLite has none)."""
         ...
 
 
@@ -100,13 +102,26 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
+@contextlib.contextmanager
+def _as_sqlalchemy_errors(statement: str | None, params: Sequence[Any] | None) -> Iterator[None]:
+    """The driver's DBAPI errors as SQLAlchemy's (OperationalError, ProgrammingError, ...), which
+    every caller of a report already handles: an unreachable store is one, however it is read."""
+    try:
+        yield
+    except adbc_driver_manager.dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(
+            statement, params, exc, adbc_driver_manager.dbapi.Error, hide_parameters=True
+        ) from exc
+
+
 class _PostgresReader:
     # The driver binds $1, $2, ...: the psycopg dialect, in numeric_dollar style.
     dialect = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
 
     def __init__(self, engine: Engine) -> None:
         uri = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self.connection: Any = adbc_driver_postgresql.dbapi.connect(uri, autocommit=True)
+        with _as_sqlalchemy_errors(None, None):
+            self.connection: Any = adbc_driver_postgresql.dbapi.connect(uri, autocommit=True)
 
     def __enter__(self) -> _PostgresReader:
         return self
@@ -114,14 +129,20 @@ class _PostgresReader:
     def __exit__(self, *exc: object) -> None:
         self.connection.close()
 
-    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
+    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
         tables = []
-        for select in selects:
-            compiled = select.compile(dialect=self.dialect, compile_kwargs={"render_postcompile": True})
-            params = [compiled.params[name] for name in compiled.positiontup or ()]
-            with self.connection.cursor() as cursor:
-                cursor.execute(compiled.string, params or None)
-                tables.append(_conform(cursor.fetch_arrow_table(), select))
+        with self.connection.cursor() as cursor:
+            for name, value in (settings or {}).items():  # for this connection's session: its own
+                cursor.execute("SELECT set_config($1, $2, false)", [name, value])
+                cursor.fetchall()
+            for select in selects:
+                compiled = select.compile(dialect=self.dialect, compile_kwargs={"render_postcompile": True})
+                params = [compiled.params[name] for name in compiled.positiontup or ()]
+                with _as_sqlalchemy_errors(compiled.string, params):
+                    cursor.execute(compiled.string, params or None)
+                    tables.append(_conform(cursor.fetch_arrow_table(), select))
+            if settings:
+                cursor.execute("RESET ALL")
         return _concat(tables)
 
 
@@ -131,7 +152,7 @@ class _RowReader:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
+    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
         tables = []
         for select in selects:
             result = self.conn.execute(select)

@@ -412,8 +412,10 @@ def _episodes(src: _Source, read: columnar.Reader) -> pa.Table:
     day = rollup.day_of(src.conn, e.started).label("day")
     # A sum of sums is NUMERIC to PostgreSQL: cast back to an integer.
     turns = sa.cast(sa.func.sum(e.turns), sa.BigInteger).label("turns")
-    return read.table([sa.select(e.user_hash, e.variant, day, turns, sa.func.count().label("episodes"))
-                       .group_by(e.user_hash, e.variant, day)])  # fmt: skip
+    select = sa.select(e.user_hash, e.variant, day, turns, sa.func.count().label("episodes"))
+    # PostgreSQL's planner hashes the 3.3M fragments of 10M requests (5.5 s); reading them in
+    # episode order from ix_rollup_episodes_by_episode and grouping as they come takes 3.5 s.
+    return read.table([select.group_by(e.user_hash, e.variant, day)], settings={"enable_hashagg": "off"})
 
 
 _NO_EPISODES = pa.schema(
