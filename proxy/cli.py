@@ -520,7 +520,6 @@ def report(
     """The experiment's outcomes, significance, sample-ratio check, power and verdict, from the store."""
     import time
 
-    from proxy.analysis.render import to_csv, to_json, to_markdown, to_table
     from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
 
     _, settings = load_config(config, upstream_keys=False)
@@ -538,6 +537,10 @@ def report(
         fail(str(exc))
     finally:
         engine.dispose()
+    # Imported once the report is built: it imports the statistics, which report_from_store
+    # imports while the store is read.
+    from proxy.analysis.render import to_csv, to_json, to_markdown, to_table
+
     print_report(fmt, result, to_json, to_markdown, to_csv, to_table)
 
 

@@ -21,8 +21,9 @@ them in either arm would mix the two treatments in one unit.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -99,18 +100,44 @@ class Dataset:
         return self.window.utc_days
 
 
+def resolve_window(conn: Connection, experiment: str, since: float | None, until: float | None, now: float) -> Window:
+    """The analysis window; by default from the experiment's first stored request until now."""
+    end = now if until is None else min(until, now)
+    if since is None:
+        first = conn.execute(
+            sa.select(sa.func.min(requests.c.ts)).where(requests.c.experiment == experiment)
+        ).scalar()  # fmt: skip
+        since = float(first) if first is not None else end
+    return Window(since, end)
+
+
 def load(conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float) -> Dataset:
+    with loading(conn, experiment, window, regeneration_window_s=regeneration_window_s) as dataset:
+        return dataset()
+
+
+@contextlib.contextmanager
+def loading(
+    conn: Connection, experiment: str, window: Window, *, regeneration_window_s: float
+) -> Iterator[Callable[[], Dataset]]:
+    """`load`, begun: the store is read while the caller does other work, and calling what this
+    yields (within the block) waits for the reads and gives the Dataset."""
     plan = rollup.plan(conn, experiment, window.since, window.until, regeneration_window_s)
     source = _Source(conn, experiment, window, plan, rollup.utc_day(window.since), regeneration_window_s)
     if columnar.in_memory(conn.engine):  # one connection sees it: everything read in turn on it
         with columnar.reader(conn) as read:
-            return _load(source, {part: partial(reads, source, read) for part, reads in _READS.items()})
+            yield partial(_load, source, {part: partial(reads, source, read) for part, reads in _READS.items()})
+        return
     # Each part on a connection of its own, all at once: the database works on both cores while
     # the drivers take the rows, mostly outside the GIL. The bench's 10M requests, same session:
     # PostgreSQL 9.1 s at once against 11.0 s in turn, SQLite 10.8 against 13.6.
     with ThreadPoolExecutor(max_workers=len(_READS)) as pool:
         futures = {part: pool.submit(_read_apart, conn.engine, partial(read, source)) for part, read in _READS.items()}
-        return _load(source, {part: future.result for part, future in futures.items()})
+        try:
+            yield partial(_load, source, {part: future.result for part, future in futures.items()})
+        finally:
+            for future in futures.values():  # the caller failed before it took the data: stop what has not begun
+                future.cancel()
 
 
 def _read_apart(engine: Engine, reads: Callable[[columnar.Reader], pa.Table]) -> pa.Table:

@@ -1,6 +1,7 @@
 """An experiment's report: every metric compared, the plan checked, and a verdict in words.
 
     build_report(conn, settings, experiment, since=, until=, now=) -> Report
+    report_of(dataset, settings, experiment, now=) -> Report   (the data already loaded)
 
 What it guards against, in the order a reader needs it:
     broken data       sample-ratio mismatch over first exposures (rollout changes included):
@@ -24,13 +25,11 @@ from typing import Literal
 
 import numpy as np
 from scipy.stats import beta
-from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from proxy.analysis import sequential, stats
-from proxy.analysis.dataset import Dataset, Observations, Window, load
+from proxy.analysis.dataset import Dataset, Observations, load, resolve_window
 from proxy.config import AnalysisConfig, GuardrailConfig, MetricConfig, Settings
-from proxy.store.schema import requests
 
 Role = Literal["primary", "secondary", "implicit"]
 Decision = Literal["ship", "keep_running", "roll_back", "no_difference", "untrustworthy", "no_data"]
@@ -143,21 +142,18 @@ class Report:
     verdict: Verdict = Verdict("no_data", "", [])
 
 
-def resolve_window(conn: Connection, experiment: str, since: float | None, until: float | None, now: float) -> Window:
-    """The analysis window; by default from the experiment's first stored request until now."""
-    end = now if until is None else min(until, now)
-    if since is None:
-        first = conn.execute(select(func.min(requests.c.ts)).where(requests.c.experiment == experiment)).scalar()
-        since = float(first) if first is not None else end
-    return Window(since, end)
-
-
 def build_report(
     conn: Connection, settings: Settings, experiment: str, *, since: float | None = None,
     until: float | None = None, now: float,
 ) -> Report:
     window = resolve_window(conn, experiment, since, until, now)
     data = load(conn, experiment, window, regeneration_window_s=settings.feedback.regeneration_window_s)
+    return report_of(data, settings, experiment, now=now)
+
+
+def report_of(data: Dataset, settings: Settings, experiment: str, *, now: float) -> Report:
+    """The report on data already loaded (`build_report` without the reads)."""
+    window = data.window
     config = settings.experiments[experiment]
     analysis = config.analysis
     treated = data.treatment

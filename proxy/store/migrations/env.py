@@ -14,13 +14,14 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from proxy.store.schema import metadata
+from proxy.store.schema import exists_on, metadata
 
 
 def _run(connection: Connection) -> None:
     # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
     context.configure(
-        connection=connection, target_metadata=metadata, render_as_batch=connection.dialect.name == "sqlite"
+        connection=connection, target_metadata=metadata, render_as_batch=connection.dialect.name == "sqlite",
+        include_object=exists_on(connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -1,7 +1,8 @@
 """An index of rollup_episodes in episode order that holds every column the report reads: the
 report's merge of each episode's day fragments (proxy/analysis/dataset.py, `_episodes`) reads it
 in order and groups as it goes, instead of hashing 3.3M fragments at 10M requests (PostgreSQL:
-5.5 -> 3.5 s, the report's longest read).
+5.5 -> 3.5 s, the report's longest read). PostgreSQL only: SQLite's report, whose reads run in
+Python while its episodes are merged, took 15.3 s with it against 13.3 s without.
 
 Revision ID: 0006
 Revises: 0005
@@ -24,8 +25,10 @@ COLUMNS = ["experiment", "user_hash", "variant", "episode_id", "day", "started",
 
 
 def upgrade() -> None:
-    op.create_index(NAME, "rollup_episodes", COLUMNS)
+    if op.get_bind().dialect.name == "postgresql":
+        op.create_index(NAME, "rollup_episodes", COLUMNS)
 
 
 def downgrade() -> None:
-    op.drop_index(NAME, table_name="rollup_episodes")
+    if op.get_bind().dialect.name == "postgresql":
+        op.drop_index(NAME, table_name="rollup_episodes")
