@@ -470,13 +470,16 @@ def _statement_name(sql: str) -> str:
 def _report_limit(figures: dict[str, Any], store: str, n: int, breakdown: str) -> str:
     m = figures[f"{store}_{n}"]
     if store == "postgresql":
-        return (f"read from the rollup: PostgreSQL used {m['db_cpu_s']:.1f} s of CPU against the report's "
-                f"{m['cpu_s']:.1f} s; per statement: {breakdown}. What is left is users x days: ~1.1M per-user-day "
-                "rows of requests and ~3.3M episode fragments summed in the database (on a second connection, "
-                "beside the rest), then each user-day row turned into numpy in Python (~2-3 us a row), and the "
-                "imports of scipy and statsmodels")  # fmt: skip
-    return (f"SQLite runs in the report's process ({m['cpu_s']:.1f} s CPU): the same reads of the rollup as "
-            "PostgreSQL, the episodes' on a second thread beside the rest")
+        return (f"read from the rollup, the five reads at once on their own connections: PostgreSQL used "
+                f"{m['db_cpu_s']:.1f} s of CPU against the report's {m['cpu_s']:.1f} s; per statement: {breakdown}. "
+                "The longest is the episodes' merge (~3.3M day fragments into ~2.6M episodes, read in episode "
+                "order from ix_rollup_episodes_by_episode); then ~2 s of statistics (sequential tests over the "
+                "daily looks, the latency guardrail's bootstrap). Rows reach Python as Arrow columns (ADBC)")
+    return (f"SQLite runs in the report's process ({m['cpu_s']:.1f} s CPU): its ~4M rows of users x days come "
+            "through the store's own connection as Python objects (~2-3 us a row, the five reads sharing the GIL). "
+            "Its ADBC driver reads them several times faster but links a second copy of SQLite into the process, "
+            "which releases the other's file locks (proxy/analysis/columnar.py): PostgreSQL is the store for "
+            "this size")
 
 
 # -- 3. Redis: XADDs one server takes -----------------------------------------------------------
