@@ -498,6 +498,8 @@ def store_rollup(config: str | None, store_url: str | None, settle_s: float | No
             for experiment, day in days:
                 built += rollup.build_day(engine, experiment, day, window_s, now, force=rebuild_all)
                 progress.advance(task)
+        if built:
+            rollup.tidy(engine)
     except SQLAlchemyError as exc:
         fail(f"rollup failed: {error_line(exc)}")
     finally:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from proxy.analysis.report import build_report
 from proxy.store import rollup
 from proxy.store.db import Store, engine_for, migrate, request_row
 from proxy.store.schema import requests, rollup_days, rollup_requests
+from tests.harness import PostgresServer
 from tests.synthetic import DAY, EXPERIMENT, Scenario, generate
 from tests.test_report import _settings
 from tests.test_store import request_event
@@ -353,3 +355,23 @@ def test_an_in_memory_store_is_read_on_its_one_connection() -> None:
         data = load(conn, EXPERIMENT, Window(T0, T0 + 100), regeneration_window_s=W)
     turns = data.requests["turns_per_episode"]
     assert (turns.num.sum(), turns.den.sum()) == (6, 6)  # each user's 2 requests: one per episode
+
+
+def test_a_build_leaves_the_rollup_vacuumed_on_postgresql(postgres_server: PostgresServer) -> None:
+    """A rebuilt day's old rows are dead until a vacuum, and the report's index-only read of the
+    episodes would visit the table for every row: build_due vacuums what it rebuilt."""
+    engine = _store(postgres_server.create_schema(f"t_{uuid.uuid4().hex[:16]}"), _events())
+    try:
+        rollup.build_due(engine, W, now=NOW)
+        with engine.connect() as conn:
+            day = conn.execute(sa.select(sa.func.min(rollup_days.c.day))).scalar_one()
+        assert rollup.build_day(engine, EXPERIMENT, day, W, NOW, force=True)  # its rows deleted and inserted again
+        rollup.tidy(engine)
+        with engine.connect() as conn:
+            vacuumed = conn.execute(sa.text(
+                "SELECT relname, n_dead_tup, last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+                "WHERE schemaname = current_schema() AND relname LIKE :rollup ESCAPE '!'"
+            ), {"rollup": "rollup!_%"}).all()  # fmt: skip
+        assert len(vacuumed) == 5 and all(dead == 0 and done for _, dead, done in vacuumed), vacuumed
+    finally:
+        engine.dispose()

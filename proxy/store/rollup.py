@@ -62,6 +62,10 @@ SAMPLE_SIZE = 100_000  # answered requests per variant in a window's latency sam
 CLIENT_CLOSED = 499
 
 
+_DAY_TABLES = (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency)  # a day's rows: rebuilt whole
+_TABLES = (rollup_days, *_DAY_TABLES)
+
+
 def utc_day(ts: float) -> int:
     return math.floor(ts / DAY_S)
 
@@ -310,7 +314,7 @@ def build_day(
             conn.execute(sa.update(rollup_days).where(this_day).values(gen=d.gen))
         if not force and conn.execute(sa.select(d.day).where(this_day, _current(window_s))).first() is not None:
             return False
-        for table in (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency):
+        for table in _DAY_TABLES:
             conn.execute(sa.delete(table).where(table.c.experiment == experiment, table.c.day == day))
         gen = conn.execute(sa.select(d.gen).where(this_day)).scalar()
         for table, select in (
@@ -342,7 +346,23 @@ def build_due(
     moment = time.time() if now is None else now
     with engine.connect() as conn:
         days = due(conn, window_s, moment, settle_s)
-    return [(experiment, day) for experiment, day in days if build_day(engine, experiment, day, window_s, moment)]
+    built = [(experiment, day) for experiment, day in days if build_day(engine, experiment, day, window_s, moment)]
+    if built:
+        tidy(engine)
+    return built
+
+
+def tidy(engine: Engine) -> None:
+    """After builds, on PostgreSQL: VACUUM (ANALYZE) the rollup tables. A build deletes a day's
+    rows and inserts them again; until a vacuum, the report's index-only read of the episodes
+    (ix_rollup_episodes_by_episode) visits the table for each of them, and the planner counts
+    the dead rows. Autovacuum gets there too, but after a report that follows the build. The
+    pages a vacuum finds all-visible are skipped, so a day's build costs the vacuum that day."""
+    if engine.dialect.name != "postgresql":
+        return
+    tables = ", ".join(table.name for table in _TABLES)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:  # VACUUM: no transaction
+        conn.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
 
 
 # -- reading: which of a window's days the report may take from the rollup -----------------------
