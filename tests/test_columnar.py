@@ -61,6 +61,19 @@ def test_parts_of_nulls_and_of_values_read_as_one_typed_table(engine: sa.Engine)
     assert totals["value"].to_pylist() == [None, 2.5]
 
 
+def test_rows_read_in_chunks_make_one_typed_table(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's rows become columns chunk by chunk: a chunk of NULLs only, then one of values."""
+    monkeypatch.setattr(columnar, "_FETCH_ROWS", 1000)
+    r = rows.c
+    select = sa.select(r.user_hash, r.small, r.value).order_by(r.part, r.small)
+    with engine.connect() as conn, columnar.reader(conn) as read:
+        table = read.table([select, _part(9)])  # the second read: no rows
+    assert table.schema.types == [pa.string(), pa.int64(), pa.float64()]
+    assert table.num_rows == 1502 and table["small"].to_pylist()[998:1002] == [998, 999, 1000, 1001]
+    assert table["user_hash"].to_pylist()[-3:] == [None, "00ff", "ä-ü"]
+    assert table["value"].to_pylist()[-3:] == [None, 2.5, None]
+
+
 def test_bound_values_reach_the_database(engine: sa.Engine) -> None:
     """Parameters, an expanding IN list among them, bound in the driver's own style ($n or ?)."""
     r = rows.c

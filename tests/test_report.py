@@ -206,3 +206,35 @@ class TestWindowAndRendering:
         assert "NaN" not in str(body) and all(
             not (isinstance(v, float) and not math.isfinite(v)) for v in np.array(rows, dtype=object)
         )
+
+
+def test_the_daily_looks_are_each_days_cumulative_per_user_sums() -> None:
+    """The sequential test's looks, built day by day on the look before, against each look's
+    per-user sums taken afresh over the rows up to its day, in no particular row order."""
+    from proxy.analysis import sequential
+    from proxy.analysis.dataset import Dataset, Observations, Window
+    from proxy.analysis.report import _comparator, _sequential
+
+    rng = np.random.default_rng(5)
+    users, rows, days = 300, 4000, 9
+    obs = Observations(rng.integers(0, users, rows), rng.integers(0, days, rows),
+                       rng.poisson(2.0, rows).astype(float), rng.integers(1, 4, rows).astype(float))  # fmt: skip
+    treated = rng.random(users) < 0.5
+    obs.num[treated[obs.user]] *= 1.1  # an effect, so the looks differ from one another
+    start = math.floor(T0 / DAY) * DAY  # UTC days: a look each
+    data = Dataset(window=Window(start, start + days * DAY), users=[f"u{i}" for i in range(users)], treatment=treated,
+                   first_day=np.zeros(users, np.int64), expected_treatment=np.full(users, 0.5))  # fmt: skip
+    compare = _comparator("request", "mean", 0.05)
+    looks = []
+    for day in range(data.looks):
+        up_to = obs.day <= day
+        num = np.bincount(obs.user[up_to], weights=obs.num[up_to], minlength=users)
+        den = np.bincount(obs.user[up_to], weights=obs.den[up_to], minlength=users)
+        comparison = compare(num, den, treated)
+        assert comparison is not None
+        looks.append((comparison.diff, comparison.se**2))
+    expected = sequential.always_valid(looks, tau2=0.01, alpha=0.05)
+    got = _sequential(data, obs, compare, 0.01, 0.05)
+    assert data.looks == days and got.looks == expected.looks == days
+    assert got.p_value == pytest.approx(expected.p_value, rel=1e-9)
+    assert got.ci == pytest.approx(expected.ci, rel=1e-9)

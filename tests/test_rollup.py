@@ -357,6 +357,30 @@ def test_an_in_memory_store_is_read_on_its_one_connection() -> None:
     assert (turns.num.sum(), turns.den.sum()) == (6, 6)  # each user's 2 requests: one per episode
 
 
+@pytest.mark.parametrize("cpus", [{0}, {0, 1}])
+def test_sqlite_is_read_at_once_only_with_a_second_cpu(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, cpus: set[int]
+) -> None:
+    """SQLite works in the report's process: on one CPU its reads go in turn on the caller's
+    connection (five threads would hand each other the GIL at every row), with two each on a
+    connection of its own. Either way, the same data."""
+    engine = _store(f"sqlite:///{tmp_path}/store.db", _events())
+    try:
+        rollup.build_due(engine, W, now=NOW)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        reference = _dataset(engine, T0, NOW)
+        checkouts: list[object] = []
+        sa.event.listen(engine, "checkout", lambda *args: checkouts.append(args))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+        data = _dataset(engine, T0, NOW)
+        # The caller's connection, and with a second CPU one per part (five) besides it.
+        assert len(checkouts) == (1 if len(cpus) == 1 else 6)
+        _assert_same(data, reference)
+        assert data.requests["turns_per_episode"].den.sum() > 0 and data.request_feedback
+    finally:
+        engine.dispose()
+
+
 def test_a_build_leaves_the_rollup_vacuumed_on_postgresql(postgres_server: PostgresServer) -> None:
     """A rebuilt day's old rows are dead until a vacuum, and the report's index-only read of the
     episodes would visit the table for every row: build_due vacuums what it rebuilt."""

@@ -155,16 +155,17 @@ class _RowReader:
     def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
         tables = []
         for select in selects:
+            names = [column.name for column in select.selected_columns]
+            tables.append(empty(select))
             result = self.conn.execute(select)
-            rows: list[Sequence[Any]] = []
             try:  # the DBAPI cursor's tuples, not SQLAlchemy's Row objects: a million rows at 10M requests
-                while chunk := result.cursor.fetchmany(_FETCH_ROWS):
-                    rows.extend(chunk)
+                while rows := result.cursor.fetchmany(_FETCH_ROWS):
+                    # Chunk by chunk, so the next chunk's Python objects reuse the memory of this
+                    # one's: all at once, the 4M rows of 10M requests took ~2 GB from the kernel.
+                    columns = [pa.array([row[k] for row in rows]) for k in range(len(names))]
+                    tables.append(_conform(pa.table(columns, names=names), select))
             finally:
                 result.close()
-            names = [column.name for column in select.selected_columns]
-            columns = [pa.array([row[k] for row in rows]) for k in range(len(names))]
-            tables.append(_conform(pa.table(columns, names=names), select))
         return _concat(tables)
 
 

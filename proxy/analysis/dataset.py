@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,13 +125,11 @@ def loading(
     yields (within the block) waits for the reads and gives the Dataset."""
     plan = rollup.plan(conn, experiment, window.since, window.until, regeneration_window_s)
     source = _Source(conn, experiment, window, plan, rollup.utc_day(window.since), regeneration_window_s)
-    if columnar.in_memory(conn.engine):  # one connection sees it: everything read in turn on it
+    if not _at_once(conn.engine):  # in turn on the caller's connection, once the caller asks
         with columnar.reader(conn) as read:
             yield partial(_load, source, {part: partial(reads, source, read) for part, reads in _READS.items()})
         return
-    # Each part on a connection of its own, all at once: the database works on both cores while
-    # the drivers take the rows, mostly outside the GIL. The bench's 10M requests, same session:
-    # PostgreSQL 9.1 s at once against 11.0 s in turn, SQLite 10.8 against 13.6.
+    # Each part on a connection of its own, all at once: the caller goes on meanwhile.
     with ThreadPoolExecutor(max_workers=len(_READS)) as pool:
         futures = {part: pool.submit(_read_apart, conn.engine, partial(read, source)) for part, read in _READS.items()}
         try:
@@ -138,6 +137,21 @@ def loading(
         finally:
             for future in futures.values():  # the caller failed before it took the data: stop what has not begun
                 future.cancel()
+
+
+def _at_once(engine: Engine) -> bool:
+    """Whether the parts are read at once, each on a connection of its own.
+
+    PostgreSQL does the work in its own processes while the driver waits outside the GIL: on the
+    bench's 10M requests, a load in 9.1 s at once against 11.0 in turn. SQLite works in this
+    process, and its driver takes the GIL back for every row: reading at once pays only with a
+    second core (10.8 s against 13.6). On one core, five such threads hand the GIL to each other
+    at every row: the load took 24.7 s at once against 13.0-13.5 in turn on the caller's thread
+    (15.4-15.8 in turn on a thread of its own). An in-memory database is seen by one connection only.
+    """
+    if engine.dialect.name == "postgresql":
+        return True
+    return not columnar.in_memory(engine) and len(os.sched_getaffinity(0)) > 1
 
 
 def _read_apart(engine: Engine, reads: Callable[[columnar.Reader], pa.Table]) -> pa.Table:

@@ -221,10 +221,9 @@ def _describe(name: str, declared: dict[str, MetricConfig]) -> tuple[str, bool, 
     return name.replace("_", " "), spec.higher_is_better, "rate" if spec.type == "boolean" else "mean", spec.level
 
 
-def _per_user(obs: Observations, n_users: int, upto_day: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    keep = obs.day <= upto_day if upto_day is not None else np.ones(len(obs.day), dtype=bool)
-    num = np.bincount(obs.user[keep], weights=obs.num[keep], minlength=n_users)
-    den = np.bincount(obs.user[keep], weights=obs.den[keep], minlength=n_users)
+def _per_user(obs: Observations, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    num = np.bincount(obs.user, weights=obs.num, minlength=n_users)
+    den = np.bincount(obs.user, weights=obs.den, minlength=n_users)
     return num, den
 
 
@@ -253,9 +252,17 @@ def _sequential(
     """mSPRT over cumulative daily looks: what a team that looked every day was entitled to see."""
     looks: list[tuple[float, float]] = []
     n_users = len(data.users)
-    for day in range(data.looks):
-        num, den = _per_user(obs, n_users, day)
-        comparison = compare(num, den, data.treatment)  # users not yet seen by `day` have den 0
+    # Each look's per-user sums are the last look's plus that day's rows: one pass over the rows.
+    order = np.argsort(obs.day, kind="stable")
+    ends = np.searchsorted(obs.day[order], np.arange(data.looks), side="right")
+    num, den = np.zeros(n_users), np.zeros(n_users)
+    start = 0
+    for end in ends.tolist():
+        rows = order[start:end]
+        num += np.bincount(obs.user[rows], weights=obs.num[rows], minlength=n_users)
+        den += np.bincount(obs.user[rows], weights=obs.den[rows], minlength=n_users)
+        start = end
+        comparison = compare(num, den, data.treatment)  # users not yet seen by that day have den 0
         if comparison is not None and math.isfinite(comparison.se):
             looks.append((comparison.diff, comparison.se**2))
     return sequential.always_valid(looks, tau2=tau2, alpha=alpha)
