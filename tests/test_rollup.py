@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from proxy.analysis.dataset import Dataset, Observations, Window, load
+from proxy.analysis.dataset import Dataset, Observations, Window, load, user_feedback_select
 from proxy.analysis.render import to_json
 from proxy.analysis.report import build_report
 from proxy.store import rollup
@@ -355,6 +355,26 @@ def test_an_in_memory_store_is_read_on_its_one_connection() -> None:
         data = load(conn, EXPERIMENT, Window(T0, T0 + 100), regeneration_window_s=W)
     turns = data.requests["turns_per_episode"]
     assert (turns.num.sum(), turns.den.sum()) == (6, 6)  # each user's 2 requests: one per episode
+
+
+def test_user_level_feedback_is_read_through_its_partial_index(store_url: str) -> None:
+    """The report's read of user-level feedback as it runs (bound parameters and all) takes
+    ix_feedback_user_level (migration 0007), not a scan of every feedback row."""
+    engine = _store(store_url, _events())
+    try:
+        with engine.begin() as conn:
+            select = user_feedback_select(conn, EXPERIMENT, Window(T0, NOW))
+            compiled = select.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+            if conn.dialect.name == "postgresql":  # its planner scans a table this small: say what it may use
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params).scalars().all()
+            else:
+                params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+                plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params)]
+            assert any("ix_feedback_user_level" in line for line in plan), plan
+            assert len(conn.execute(select).all()) > 0  # the events hold user-level feedback
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("cpus", [{0}, {0, 1}])

@@ -403,15 +403,19 @@ def _request_feedback(src: _Source, read: columnar.Reader) -> pa.Table:
 
 
 def _user_feedback(src: _Source, read: columnar.Reader) -> pa.Table:
+    return read.table([user_feedback_select(src.conn, src.experiment, src.window)])
+
+
+def user_feedback_select(conn: Connection, experiment: str, window: Window) -> sa.Select[Any]:
+    """The user-level feedback a report of `experiment` reads: scoped to it or to no experiment."""
     fb = feedback.c
-    select = sa.select(
-        fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(src.conn, fb.ts).label("day")
+    return sa.select(
+        fb.user_hash, fb.metric, fb.value, fb.experiment, rollup.day_of(conn, fb.ts).label("day")
     ).where(
-        fb.level == "user",
-        sa.or_(fb.experiment == src.experiment, fb.experiment.is_(None)),
-        fb.ts < src.window.until,
+        fb.level == "user",  # ix_feedback_user_level holds these rows only (migration 0007)
+        sa.or_(fb.experiment == experiment, fb.experiment.is_(None)),
+        fb.ts < window.until,
     )
-    return read.table([select])
 
 
 def _latencies(src: _Source, read: columnar.Reader) -> pa.Table:
