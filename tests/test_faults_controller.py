@@ -176,9 +176,15 @@ class Watch:
                 self.problems += inconsistencies(snap)
             self._stop.wait(0.02)
 
-    def handover(self, old: Controller, new: Controller, since: int) -> None:
-        """The lease went from `old` to `new` once, and only after `old`'s ran out (by Redis's clock); from
-        sample `since` on (the fault), `old` never renewed it."""
+    def redis_ms(self) -> float:
+        """Redis's clock now: the samples whose MULTI ran after this read carry a later time."""
+        secs, micros = self.client.time()
+        return float(secs * 1000 + micros / 1000)
+
+    def handover(self, old: Controller, new: Controller, since_ms: float) -> None:
+        """The lease went from `old` to `new` once, and only after `old`'s ran out (by Redis's clock); in
+        the samples Redis took from `since_ms` on (the fault), `old` never renewed it. By Redis's clock, not
+        by sample count: a sample read just before the fault may be appended just after it."""
         runs: list[str] = []
         for _, holder, _ in self.locks:
             who = old.name if old.owns(holder) else new.name if new.owns(holder) else "-" if holder is None else "?"
@@ -189,7 +195,7 @@ class Watch:
         first_new = next(t for t, h, _ in self.locks if new.owns(h))
         # TIME is read live, the expiry checked against the command's clock: 2 ms of slack, against a 3,000 ms lease.
         assert first_new >= max(expiries) - 2, f"{new.name} held the lease {max(expiries) - first_new:.0f} ms early"
-        after = {e for _, h, e in self.locks[since:] if old.owns(h) and e is not None}
+        after = {e for t, h, e in self.locks if t >= since_ms and old.owns(h) and e is not None}
         assert len(after) <= 1, f"{old.name} renewed through the fault: {after}"
 
 
@@ -341,7 +347,7 @@ def test_a_partitioned_leaders_write_is_refused_and_the_other_leads_after_its_le
         if caught == "promote":
             rig.follow(b, as_follower=False)
         assert cut.wait(30), "A never sent the write"
-        since = len(watch.locks)
+        since = watch.redis_ms()
         logged_before = a.decisions()  # A waits on the held write: it logs nothing more until answered
         wait_until(lambda: b.owns(rig.holder()), timeout=30, what="B to take the lease")
         assert a.metric("abproxy_controller_leader") == 1  # A still believes it leads
@@ -371,7 +377,7 @@ def test_a_leader_slowed_past_its_lease_is_refused_and_the_other_leads(rig: Rig)
         rig.follow(b)
         slow = a.fault.latency_on(b"HGETALL", 1600)
         assert slow.wait(30), "A never read the plan"
-        since = len(watch.locks)
+        since = watch.redis_ms()
         logged_before = a.decisions()
         wait_until(lambda: a.lines("controller_lost_lock") or a.decisions() != logged_before, timeout=40,
                    what="Redis to answer A's write")  # fmt: skip
@@ -394,7 +400,7 @@ def test_a_leader_killed_mid_promotion_leaves_it_whole_or_undone(rig: Rig, write
         cut = a.fault.partition_on(b'"action":"promote"')
         rig.follow(b, as_follower=False)
         assert cut.wait(30), "A never sent the promotion"
-        since = len(watch.locks)
+        since = watch.redis_ms()
         logged_before = a.decisions()
         a.process.kill()
         landed = False
