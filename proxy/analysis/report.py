@@ -256,12 +256,10 @@ def _sequential(
     order = np.argsort(obs.day, kind="stable")
     ends = np.searchsorted(obs.day[order], np.arange(data.looks), side="right")
     num, den = np.zeros(n_users), np.zeros(n_users)
-    start = 0
-    for end in ends.tolist():
-        rows = order[start:end]
-        num += np.bincount(obs.user[rows], weights=obs.num[rows], minlength=n_users)
-        den += np.bincount(obs.user[rows], weights=obs.den[rows], minlength=n_users)
-        start = end
+    for rows in np.split(order, ends)[: data.looks]:  # the rows of each look's day (those after the last: not)
+        day_num, day_den = _per_user(Observations(obs.user[rows], obs.day[rows], obs.num[rows], obs.den[rows]), n_users)
+        num += day_num
+        den += day_den
         comparison = compare(num, den, data.treatment)  # users not yet seen by that day have den 0
         if comparison is not None and math.isfinite(comparison.se):
             looks.append((comparison.diff, comparison.se**2))

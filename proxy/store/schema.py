@@ -70,6 +70,8 @@ requests = Table(
     Index(None, "experiment", "user_hash"),
 )
 
+_USER_LEVEL = text("level = 'user'")  # ix_feedback_user_level's rows
+
 feedback = Table(
     "feedback",
     metadata,
@@ -90,7 +92,7 @@ feedback = Table(
     # The report's read of user-level feedback, a few per cent of the rows: without it, a scan of
     # all feedback (migration 0007). Partial, so request-level feedback's writes never touch it.
     Index("ix_feedback_user_level", "experiment", "ts", "user_hash", "metric", "value",
-          postgresql_where=text("level = 'user'"), sqlite_where=text("level = 'user'")),
+          postgresql_where=_USER_LEVEL, sqlite_where=_USER_LEVEL),
 )
 
 # -- the report's rollup (proxy/store/rollup.py) ---------------------------------------------
