@@ -25,6 +25,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 SCHEMA_VERSION = 1
+# An event's status when the client left before its answer ended (nginx's convention). The report
+# counts it as the user's choice, not a failure of the model.
+CLIENT_CLOSED = 499
 DEFAULT_KEY = "abproxy:events"
 
 

@@ -34,6 +34,7 @@ from proxy.errors import (
     UpstreamBusy,
     UpstreamError,
 )
+from proxy.event_stream import CLIENT_CLOSED
 from proxy.events import EventLog
 from proxy.experiments import Arm, Experiment, Router
 from proxy.fallback_log import FallbackLog
@@ -78,7 +79,6 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_BACKOFF_S = 0.1  # after a refused connection: 0.1, 0.2, 0.4 ... s (capped at max_retry_wait_s)
 _DROPPED_RESPONSE = frozenset(name.encode() for name in DROPPED_RESPONSE_HEADERS)
 SHUTTING_DOWN = Overloaded("the proxy is shutting down; retry the request", code="shutting_down")
-CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer ended
 
 
 class ClientGone(Exception):

@@ -46,6 +46,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from proxy.event_stream import CLIENT_CLOSED
 from proxy.store.schema import (
     feedback,
     requests,
@@ -58,8 +59,6 @@ from proxy.store.schema import (
 
 DAY_S = 86_400
 SAMPLE_SIZE = 100_000  # answered requests per variant in a window's latency sample
-# A request the user saw fail. 499 is the client leaving, its choice, not the model's failure.
-CLIENT_CLOSED = 499
 
 
 _DAY_TABLES = (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency)  # a day's rows: rebuilt whole
