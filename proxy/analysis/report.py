@@ -18,6 +18,7 @@ What it guards against, in the order a reader needs it:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,11 +254,15 @@ def _sequential(
     looks: list[tuple[float, float]] = []
     n_users = len(data.users)
     # Each look's per-user sums are the last look's plus that day's rows: one pass over the rows.
+    # The rows in day order once; each look's day is then a slice of them (views, no copy).
     order = np.argsort(obs.day, kind="stable")
-    ends = np.searchsorted(obs.day[order], np.arange(data.looks), side="right")
+    by_day = Observations(obs.user[order], obs.day[order], obs.num[order], obs.den[order])
+    ends = np.searchsorted(by_day.day, np.arange(data.looks), side="right").tolist()
     num, den = np.zeros(n_users), np.zeros(n_users)
-    for rows in np.split(order, ends)[: data.looks]:  # the rows of each look's day (those after the last: not)
-        day_num, day_den = _per_user(Observations(obs.user[rows], obs.day[rows], obs.num[rows], obs.den[rows]), n_users)
+    for start, end in itertools.pairwise([0, *ends]):  # rows after the last look's day: not in any look
+        rows = slice(start, end)
+        day_num, day_den = _per_user(Observations(by_day.user[rows], by_day.day[rows], by_day.num[rows],
+                                                  by_day.den[rows]), n_users)  # fmt: skip
         num += day_num
         den += day_den
         comparison = compare(num, den, data.treatment)  # users not yet seen by that day have den 0
