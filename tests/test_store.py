@@ -86,7 +86,7 @@ class TestMigrate:
             migrate(engine)
             Store(engine).write([request_event("r1")])
             migrate(engine)
-            assert current_revision(engine) == head_revision() == "0007"
+            assert current_revision(engine) == head_revision() == "0008"
             assert set(stored_requests(engine)) == {"r1"}
             assert {"requests", "feedback", "alembic_version"} <= set(inspect(engine).get_table_names())
         finally:

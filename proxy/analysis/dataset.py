@@ -5,7 +5,8 @@ come back number users x active days, never requests:
 
     exposures   each user's first request in the window: variant, and the rollout percent then
     requests    per user and day: requests, errors, empty answers, regenerations, latency, cost
-    episodes    per user and day of an episode's first request: episodes, turns
+    episodes    per user and day: the turns taken, and the episodes begun (counted on the
+                first day of the window holding a request of theirs)
     feedback    request-level: per user, day and metric, the sum and count of values
                 user-level: one value per user and metric (scoped to the experiment, else global)
     latencies   a uniform sample of the answered requests, per variant (rollup.SAMPLE_SIZE)
@@ -39,7 +40,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from proxy.analysis import columnar
 from proxy.store import rollup
-from proxy.store.schema import feedback, requests, rollup_episodes, rollup_feedback, rollup_latency, rollup_requests
+from proxy.store.schema import (
+    feedback,
+    requests,
+    rollup_episode_days,
+    rollup_episodes,
+    rollup_feedback,
+    rollup_latency,
+    rollup_requests,
+)
 
 DAY_S = float(rollup.DAY_S)
 
@@ -143,11 +152,10 @@ def _at_once(engine: Engine) -> bool:
     """Whether the parts are read at once, each on a connection of its own.
 
     PostgreSQL does the work in its own processes while the driver waits outside the GIL: on the
-    bench's 10M requests, a load in 9.1 s at once against 11.0 in turn. SQLite works in this
-    process, and its driver takes the GIL back for every row: reading at once pays only with a
-    second core (10.8 s against 13.6). On one core, five such threads hand the GIL to each other
-    at every row: the load took 24.7 s at once against 13.0-13.5 in turn on the caller's thread
-    (15.4-15.8 in turn on a thread of its own). An in-memory database is seen by one connection only.
+    bench's 10M requests, a load in 9.1 s at once against 11.0 in turn. A SQLite file is read by
+    child processes (columnar): at once only with a second core, since each child first loads
+    pyarrow and the driver (~0.3 s) and on one core they would only take turns. An in-memory
+    database is seen by one connection only.
     """
     if engine.dialect.name == "postgresql":
         return True
@@ -286,14 +294,16 @@ class _Source:
         kept = [c for c in live.selected_columns if c.name != "experiment"]
         return live.with_only_columns(*kept, maintain_column_froms=True)
 
-    def parts(self, table: sa.Table, live: sa.Select[Any]) -> list[sa.Select[Any]]:
-        """The rolled-up days' rows of `table` and the live aggregation, in the same columns."""
+    def parts(self, table: sa.Table, live: sa.Select[Any], rolled: list[int] | None = None) -> list[sa.Select[Any]]:
+        """The rolled-up days' rows of `table` (`rolled`, by default all of the plan's) and the live
+        aggregation, in the same columns."""
         live = self.columns(live)
+        days = self.plan.rolled if rolled is None else rolled
         parts: list[sa.Select[Any]] = []
-        if self.plan.rolled:
+        if days:
             t = table.c
-            rolled = sa.select(*(t[c.name] for c in live.selected_columns))
-            parts.append(rolled.where(t.experiment == self.experiment, t.day.in_(self.plan.rolled)))
+            select = sa.select(*(t[c.name] for c in live.selected_columns))
+            parts.append(select.where(t.experiment == self.experiment, t.day.in_(days)))
         if self.plan.live:
             parts.append(live)
         return parts
@@ -440,37 +450,61 @@ def _latencies(src: _Source, read: columnar.Reader) -> pa.Table:
 
 
 def _episodes(src: _Source, read: columnar.Reader) -> pa.Table:
-    """Per (user, variant, day): episodes and their turns, an episode on the day of its first
-    request in the window: its fragments (one per day) summed across days in the database."""
+    """Per (user, variant, day): the turns taken that day, and the episodes that begin that day,
+    an episode beginning on the first day of the window that holds a request of it.
+
+    The rolled-up days before the window's first live span (its head: all of it, for a window of
+    past days) are read from rollup_episode_days, users x days, with the episodes that began before
+    the window from the fragments that continue them. The rest (live spans, and days rolled up
+    after the first of them) are grouped by episode from their fragments, an episode the head
+    holds not counted again.
+    """
+    first_live = src.plan.live[0].since if src.plan.live else math.inf
+    head = [day for day in src.plan.rolled if day * DAY_S < first_live]  # from day0, one after another
+    tail = [day for day in src.plan.rolled if day * DAY_S >= first_live]
+    selects: list[sa.Select[Any]] = []
+    if head:
+        ed, e = rollup_episode_days.c, rollup_episodes.c
+        selects.append(sa.select(ed.user_hash, ed.variant, ed.day, ed.turns, ed.episodes)
+                       .where(ed.experiment == src.experiment, ed.day.between(head[0], head[-1])))  # fmt: skip
+        selects.append(
+            sa.select(e.user_hash, e.variant, e.day, _ZERO.label("turns"), sa.func.count().label("episodes"))
+            .where(e.experiment == src.experiment, e.prev_day.is_not(None), e.prev_day < src.day0,
+                   e.day.between(head[0], head[-1]))
+            .group_by(e.user_hash, e.variant, e.day)
+        )  # fmt: skip
+    if tail or src.plan.live:
+        selects.append(_episodes_from_fragments(src, head, tail))
+    return read.table(selects) if selects else _NO_EPISODES
+
+
+def _episodes_from_fragments(src: _Source, head: list[int], rolled: list[int]) -> sa.Select[Any]:
+    """`_episodes`' columns from the fragments of `rolled` days and of the live spans."""
     live = rollup.episode_fragments(src.conn, src.experiment, src.plan.live)
-    parts = src.parts(rollup_episodes, live)
-    if not parts:
-        return _NO_EPISODES
-    fragments = sa.union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
+    parts = src.parts(rollup_episodes, live, rolled)
+    fragments = (sa.union_all(*parts) if len(parts) > 1 else parts[0]).cte("fragments")
     f = fragments.c
-    per_episode = (
-        sa.select(f.user_hash, f.variant, sa.func.min(f.started).label("started"), sa.func.sum(f.turns).label("turns"))
+    # A sum of sums is NUMERIC to PostgreSQL: cast back to an integer.
+    turns = sa.select(f.user_hash, f.variant, f.day, sa.cast(sa.func.sum(f.turns), sa.BigInteger).label("turns"),
+                      _ZERO.label("episodes")).group_by(f.user_hash, f.variant, f.day)  # fmt: skip
+    firsts = (
+        sa.select(f.user_hash, f.variant, f.episode_id, sa.func.min(f.day).label("day"))
         .group_by(f.user_hash, f.variant, f.episode_id)
         .subquery()
     )
-    e = per_episode.c
-    day = rollup.day_of(src.conn, e.started).label("day")
-    # A sum of sums is NUMERIC to PostgreSQL: cast back to an integer.
-    turns = sa.cast(sa.func.sum(e.turns), sa.BigInteger).label("turns")
-    select = sa.select(e.user_hash, e.variant, day, turns, sa.func.count().label("episodes"))
-    settings = _EPISODE_ORDER if not src.plan.live else _NO_HASHING
-    return read.table([select.group_by(e.user_hash, e.variant, day)], settings=settings)
+    s = firsts.c
+    begins = sa.select(s.user_hash, s.variant, s.day, _ZERO.label("turns"), sa.func.count().label("episodes"))
+    if head:
+        h = rollup_episodes.c
+        begins = begins.where(~sa.exists().where(
+            h.experiment == src.experiment, h.user_hash == s.user_hash, h.variant == s.variant,
+            h.episode_id == s.episode_id, h.day.between(head[0], head[-1]),
+        ))  # fmt: skip
+    both = sa.union_all(turns, begins.group_by(s.user_hash, s.variant, s.day)).subquery()
+    return sa.select(*both.c)
 
 
-# PostgreSQL has no plan hints, so the episodes' read says which plans it may not use. Left to
-# itself, its planner hashes the 3.3M fragments of 10M requests (5.5 s) or, once ANALYZE has seen
-# the rollup, sorts them after a scan (6.5 s, the sort spilling to disk): its estimate of the days'
-# filter, 2.1M rows of 3.3M, makes either look cheaper than the index. Reading them in episode
-# order from ix_rollup_episodes_by_episode and grouping as they come takes 2.9-3.4 s (4.4 s with
-# the index not yet cached). Refusing a full sort leaves the incremental one that regroups the
-# episodes by day. With live spans the union must be sorted anyway: only hashing is refused.
-_NO_HASHING = {"enable_hashagg": "off"}
-_EPISODE_ORDER = {**_NO_HASHING, "enable_sort": "off"}
+_ZERO = sa.literal(0, sa.BigInteger)
 
 
 _NO_EPISODES = pa.schema(
@@ -479,8 +513,8 @@ _NO_EPISODES = pa.schema(
 ).empty_table()  # fmt: skip
 
 _READS: dict[str, Callable[[_Source, columnar.Reader], pa.Table]] = {
-    "episodes": _episodes,  # the longest: first
-    "requests": _requests,
+    "requests": _requests,  # the longest: first
+    "episodes": _episodes,
     "request_feedback": _request_feedback,
     "user_feedback": _user_feedback,
     "latencies": _latencies,

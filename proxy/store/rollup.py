@@ -5,7 +5,9 @@ A day that is over changes only when late events arrive, so its aggregates are k
 
     rollup_requests   per (user, variant, rollout percent): requests, failures, empties, answered,
                       their latency sum, cost, regenerations, and the earliest request
-    rollup_episodes   per (user, variant, episode): the episode's turns that day, its first request
+    rollup_episodes   per (user, variant, episode): the episode's turns that day, its first request,
+                      and the latest earlier day holding a fragment of it (prev_day)
+    rollup_episode_days  per user and variant: the day's turns, and the episodes that begin that day
     rollup_feedback   per (user, variant, metric): request-level feedback on the day's requests
     rollup_latency    per variant: the day's answered requests with the lowest sample keys
 
@@ -24,6 +26,14 @@ A regeneration is a request whose same prompt the same user sent again within th
 window: its next request may be on the next day (or after the window's end), so a day is built
 only once the window has passed after its end, and a request in the first window of a day marks
 the day before too.
+
+An episode's fragments on different days are tied by `prev_day`, found when a day is built from
+the days built before it (oldest first). A report counts an episode on the first day of the
+window holding a fragment of it (prev_day NULL or before the window) and each turn on its own
+day, reading `rollup_episode_days` rather than regrouping fragments by episode. When a rebuild
+changes which episodes a day holds (a late request, a deletion), the later days whose prev_day
+that changes are marked not current, in the rebuild's transaction (`_mark_continuations`), so
+they are rebuilt too and read from the raw rows until then.
 
 The latency sample (hand-written: no library keeps a mergeable sample in SQL): percentiles over
 every answered request would read them all. Instead each day keeps, per variant, the SAMPLE_SIZE
@@ -51,6 +61,7 @@ from proxy.store.schema import (
     feedback,
     requests,
     rollup_days,
+    rollup_episode_days,
     rollup_episodes,
     rollup_feedback,
     rollup_latency,
@@ -61,7 +72,8 @@ DAY_S = 86_400
 SAMPLE_SIZE = 100_000  # answered requests per variant in a window's latency sample
 
 
-_DAY_TABLES = (rollup_requests, rollup_episodes, rollup_feedback, rollup_latency)  # a day's rows: rebuilt whole
+# A day's rows, rebuilt whole (rollup_episode_days from the day's rollup_episodes: after them).
+_DAY_TABLES = (rollup_requests, rollup_episodes, rollup_episode_days, rollup_feedback, rollup_latency)
 _TABLES = (rollup_days, *_DAY_TABLES)
 
 
@@ -302,23 +314,26 @@ def build_day(
     d = rollup_days.c
     this_day = sa.and_(d.experiment == experiment, d.day == day)
     with engine.begin() as conn:
-        # One build of a day at a time: two collectors building it together would each delete the
-        # rows the other had not committed yet, then both insert (the day counted twice).
-        # PostgreSQL: a transaction-scoped advisory lock, which leaves rollup_days' row free for
+        # One build of an experiment's days at a time: two collectors building one day together
+        # would each delete the rows the other had not committed yet, then both insert (the day
+        # counted twice), and a build reads the earlier days' episodes and marks later days.
+        # PostgreSQL: a transaction-scoped advisory lock, which leaves rollup_days' rows free for
         # the writers' marks. SQLite: a write first, so the transaction holds the database's write
         # lock before it reads and no other writer commits between the gen read and the inserts.
         if conn.dialect.name == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(experiment), day)))
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(experiment), _BUILD_LOCK)))
         else:
             conn.execute(sa.update(rollup_days).where(this_day).values(gen=d.gen))
         if not force and conn.execute(sa.select(d.day).where(this_day, _current(window_s))).first() is not None:
             return False
+        _mark_continuations(conn, experiment, day, episode_fragments(conn, experiment, span))
         for table in _DAY_TABLES:
             conn.execute(sa.delete(table).where(table.c.experiment == experiment, table.c.day == day))
         gen = conn.execute(sa.select(d.gen).where(this_day)).scalar()
         for table, select in (
             (rollup_requests, request_groups(conn, experiment, span, window_s)),
-            (rollup_episodes, episode_fragments(conn, experiment, span)),
+            (rollup_episodes, _with_prev_day(episode_fragments(conn, experiment, span), experiment, day)),
+            (rollup_episode_days, _episode_days(experiment, day)),
             (rollup_feedback, feedback_groups(conn, experiment, span)),
             (rollup_latency, latency_sample(conn, experiment, span, SAMPLE_SIZE)),
         ):
@@ -338,14 +353,84 @@ def build_day(
     return True
 
 
+
+# The second key of a build's advisory lock (the first: the experiment's hash). Days are numbered
+# from 1970, so no lock taken per (experiment, day) elsewhere can be this one.
+_BUILD_LOCK = -1
+
+
+def _with_prev_day(fragments: sa.Select[Any], experiment: str, day: int) -> sa.Select[Any]:
+    """The day's fragments with their prev_day: the latest earlier day holding a fragment of the
+    same episode, looked up through ix_rollup_episodes_by_episode."""
+    fragment = fragments.subquery()
+    f = fragment.c
+    earlier = rollup_episodes.alias("earlier")
+    e = earlier.c
+    prev_day = sa.select(sa.func.max(e.day)).where(
+        e.experiment == experiment, e.user_hash == f.user_hash, e.variant == f.variant,
+        e.episode_id == f.episode_id, e.day < day,
+    ).scalar_subquery()  # fmt: skip
+    return sa.select(*fragment.c, prev_day.label("prev_day"))
+
+
+def _episode_days(experiment: str, day: int) -> sa.Select[Any]:
+    """rollup_episode_days' columns, from the day's fragments as just built."""
+    e = rollup_episodes.c
+    begins = sa.func.sum(sa.case((e.prev_day.is_(None), 1), else_=0))
+    return (
+        sa.select(e.experiment, e.day, e.user_hash, e.variant, sa.func.sum(e.turns).label("turns"),
+                  begins.label("episodes"))
+        .where(e.experiment == experiment, e.day == day)
+        .group_by(e.experiment, e.day, e.user_hash, e.variant)
+    )  # fmt: skip
+
+
+def _mark_continuations(conn: Connection, experiment: str, day: int, fragments: sa.Select[Any]) -> None:
+    """Before a day's rebuild: mark not current the later days whose prev_day the rebuild changes.
+
+    Those are the days holding a fragment of an episode the day gains (if their prev_day is
+    earlier than the day, or NULL) or loses (if their prev_day is the day). An episode the day
+    keeps changes no prev_day: a late request of an episode already there marks nothing.
+    """
+    e = rollup_episodes.c
+    if conn.execute(sa.select(e.day).where(e.experiment == experiment, e.day > day).limit(1)).first() is None:
+        return  # the usual build, oldest day first: no later day holds anything yet
+    new = fragments.subquery()
+    kept = sa.select(e.user_hash, e.variant, e.episode_id).where(e.experiment == experiment, e.day == day)
+    built = sa.select(new.c.user_hash, new.c.variant, new.c.episode_id)
+    later = rollup_episodes.alias("later")
+    lt = later.c
+
+    def days_of(episodes: sa.Subquery, prev_day: Any) -> sa.Select[Any]:
+        same = sa.and_(lt.user_hash == episodes.c.user_hash, lt.variant == episodes.c.variant,
+                       lt.episode_id == episodes.c.episode_id)  # fmt: skip
+        return sa.select(lt.day).join(episodes, same).where(lt.experiment == experiment, lt.day > day, prev_day)
+
+    gained = days_of(built.except_(kept).subquery(), sa.or_(lt.prev_day.is_(None), lt.prev_day < day))
+    lost = days_of(kept.except_(built).subquery(), lt.prev_day == day)
+    d = rollup_days.c
+    stale = sa.union(gained, lost).subquery()
+    conn.execute(
+        sa.update(rollup_days)
+        .where(d.experiment == experiment, d.day.in_(sa.select(stale.c.day)))
+        .values(gen=d.gen + 1)
+    )
+
+
 def build_due(
     engine: Engine, window_s: float, *, now: float | None = None, settle_s: float = 0.0
 ) -> list[tuple[str, int]]:
-    """Build every due day; returns those this call built."""
+    """Build every due day, and then the days those builds marked (`_mark_continuations`: only
+    later days, so this ends); returns those this call built."""
     moment = time.time() if now is None else now
-    with engine.connect() as conn:
-        days = due(conn, window_s, moment, settle_s)
-    built = [(experiment, day) for experiment, day in days if build_day(engine, experiment, day, window_s, moment)]
+    built: list[tuple[str, int]] = []
+    while True:
+        with engine.connect() as conn:
+            days = due(conn, window_s, moment, settle_s)
+        done = [(experiment, day) for experiment, day in days if build_day(engine, experiment, day, window_s, moment)]
+        if not done:
+            break
+        built += done
     if built:
         tidy(engine)
     return built

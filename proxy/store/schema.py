@@ -134,6 +134,8 @@ rollup_requests = Table(
     Index(None, "experiment", "day"),
 )
 
+_CONTINUED = text("prev_day IS NOT NULL")
+
 rollup_episodes = Table(
     "rollup_episodes",
     metadata,
@@ -144,11 +146,31 @@ rollup_episodes = Table(
     Column("episode_id", String(256), nullable=False),
     Column("started", Float, nullable=False),  # the episode's first request that day
     Column("turns", Integer, nullable=False),
+    # The latest earlier day holding a fragment of this episode (same user, variant and id) when
+    # the day was built; NULL: none, the episode begins here (migration 0008).
+    Column("prev_day", Integer),
     Index(None, "experiment", "day"),
-    # Episode order with every column the report reads: PostgreSQL merges each episode's fragments
-    # as it reads them in order (migration 0006). Not on SQLite, whose report it made slower.
+    # Episode order: a build finds each fragment's prev_day through it, and a report with live
+    # spans merges each episode's fragments as it reads them in order (migration 0006; 0008 on SQLite).
     Index("ix_rollup_episodes_by_episode", "experiment", "user_hash", "variant", "episode_id", "day", "started",
-          "turns", info={"dialects": ("postgresql",)}).ddl_if(dialect="postgresql"),
+          "turns"),
+    # The few fragments that continue an episode: a window that starts after the experiment did
+    # counts those whose episode began before it (prev_day before the window) as beginning in it.
+    Index(None, "experiment", "prev_day", postgresql_where=_CONTINUED, sqlite_where=_CONTINUED),
+)
+
+# Per (day, user, variant): the turns of the day's fragments and the episodes that begin that day
+# (fragments without prev_day). What a report reads of rolled-up days: users x days, not fragments.
+rollup_episode_days = Table(
+    "rollup_episode_days",
+    metadata,
+    Column("experiment", String(128), nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("user_hash", String(64), nullable=False),
+    Column("variant", String(16), nullable=False),
+    Column("turns", Integer, nullable=False),
+    Column("episodes", Integer, nullable=False),
+    Index(None, "experiment", "day"),
 )
 
 rollup_feedback = Table(
