@@ -34,6 +34,13 @@ NOW = time.time()
 T0 = NOW - 9.5 * DAY
 
 
+@pytest.fixture(autouse=True)
+def _sqlite_read_by_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These stores are small: read them as a large SQLite file is read, by a child process
+    through SQLite's ADBC driver (proxy/analysis/columnar.py), so the tests cover that path."""
+    monkeypatch.setattr(columnar, "SQLITE_CHILD_MIN_BYTES", 0)
+
+
 def _events() -> list[dict[str, Any]]:
     """Crossovers (the rollout rises on day 3), regenerations, episodes of three turns 0.2 days
     apart (many cross midnight), every third request a stream with its TTFT."""
@@ -382,9 +389,9 @@ def test_user_level_feedback_is_read_through_its_partial_index(store_url: str) -
 def test_sqlite_is_read_at_once_only_with_a_second_cpu(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, cpus: set[int]
 ) -> None:
-    """SQLite is read by child processes (proxy/analysis/columnar.py): on one CPU one child reads
-    the parts in turn (five would each load pyarrow and the driver on that core), with two each part
-    has a child of its own. Either way, the same data."""
+    """A large SQLite file is read by child processes (proxy/analysis/columnar.py): on one CPU one
+    child reads the parts in turn (five would each load pyarrow and the driver on that core), with
+    two each part has a child of its own. A small file is read by this process. The same data."""
     engine = _store(f"sqlite:///{tmp_path}/store.db", _events())
     try:
         rollup.build_due(engine, W, now=NOW)
@@ -400,6 +407,9 @@ def test_sqlite_is_read_at_once_only_with_a_second_cpu(
         monkeypatch.setattr(columnar._SqliteReader, "__init__", counting_init)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
         data = _dataset(engine, T0, NOW)
+        assert len(children) == (1 if len(cpus) == 1 else 5)
+        monkeypatch.setattr(columnar, "SQLITE_CHILD_MIN_BYTES", 1 << 40)  # a small file: no child
+        _assert_same(_dataset(engine, T0, NOW), reference)
         assert len(children) == (1 if len(cpus) == 1 else 5)
         _assert_same(data, reference)
         assert data.requests["turns_per_episode"].den.sum() > 0 and data.request_feedback

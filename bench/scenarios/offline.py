@@ -444,7 +444,8 @@ def _pg_statements(ctx: Context, pg: Postgres, offset: int) -> list[dict[str, An
 
 
 def _statement_name(sql: str) -> str:
-    for table, what in (("rollup_episodes", "episodes (day fragments summed per episode)"),
+    for table, what in (("rollup_episode_days", "episodes (per user-day, rollup)"),
+                        ("rollup_episodes", "episodes continued from before the window (rollup)"),
                         ("rollup_requests", "per user-day requests (rollup)"),
                         ("rollup_feedback", "request feedback (rollup)"),
                         ("rollup_latency", "latency sample (rollup)")):  # fmt: skip
@@ -472,16 +473,12 @@ def _report_limit(figures: dict[str, Any], store: str, n: int, breakdown: str) -
     if store == "postgresql":
         return (f"read from the rollup, the five reads at once on their own connections: PostgreSQL used "
                 f"{m['db_cpu_s']:.1f} s of CPU against the report's {m['cpu_s']:.1f} s; per statement: {breakdown}. "
-                "The longest is the episodes' merge (~3.3M day fragments into ~2.6M episodes, read in episode "
-                "order from ix_rollup_episodes_by_episode). The report's one core is the limit: start-up and "
-                "imports ~2 s, ~4M aggregated rows (users x days x metrics) to Arrow ~3 s and to numpy ~1 s, "
-                "~1.6 s of statistics (sequential tests over the daily looks, the latency guardrail's bootstrap)")
-    return (f"SQLite runs in the report's process, on its one core ({m['cpu_s']:.1f} s CPU): SQLite's own sorts "
-            "of the 3.3M episode fragments (~5 s), then ~4M rows of users x days through Python's sqlite3 as "
-            "objects (~2.4 us a row, ~9 s), read in turn (on one core, five reading threads hand each other the "
-            "GIL at every row). Its ADBC driver reads them several times faster but links a second copy of SQLite "
-            "into the process, which releases the other's file locks (proxy/analysis/columnar.py): PostgreSQL is "
-            "the store for this size")
+                "The report's one core is the limit: start-up and imports ~2 s, ~4M aggregated rows "
+                "(users x days x metrics) to Arrow and to numpy, then the statistics (sequential tests over "
+                "the daily looks, the latency guardrail's bootstrap)")
+    return (f"SQLite is read by a child process through its ADBC driver, on the report's one core "
+            f"({m['cpu_s']:.1f} s CPU with the child's): ~4M aggregated rows (users x days x metrics) read "
+            "by SQLite in turn, then the statistics")
 
 
 # -- 3. Redis: XADDs one server takes -----------------------------------------------------------
