@@ -94,17 +94,6 @@ def test_no_rows_keep_the_declared_types(engine: sa.Engine) -> None:
     assert columnar.empty(_part(9)).schema.types == table.schema.types == [pa.string(), pa.int64(), pa.float64()]
 
 
-def test_settings_hold_for_their_read_only(postgres_server: PostgresServer) -> None:
-    engine = engine_for(postgres_server.create_schema(f"t_{uuid.uuid4().hex[:16]}"))
-    setting = sa.select(sa.func.current_setting("enable_hashagg").label("value"))
-    try:
-        with columnar.engine_reader(engine) as read:
-            assert read.table([setting], settings={"enable_hashagg": "off"})["value"].to_pylist() == ["off"]
-            assert read.table([setting])["value"].to_pylist() == ["on"]
-    finally:
-        engine.dispose()
-
-
 def test_the_drivers_errors_are_sqlalchemys(postgres_server: PostgresServer) -> None:
     """What every caller of a report catches (the CLI, the report API, the rollout controller)."""
     with socket.socket() as sock:  # a port nothing listens on

@@ -459,9 +459,9 @@ def test_the_episodes_of_past_days_are_read_per_user_and_day(
         for reader in (columnar._SqliteReader, columnar._PostgresReader):
             real_table = reader.table
 
-            def recording_table(self: Any, selects: Any, *, settings: Any = None, real: Any = real_table) -> Any:
+            def recording_table(self: Any, selects: Any, real: Any = real_table) -> Any:
                 reads.extend(str(select) for select in selects)
-                return real(self, selects, settings=settings)
+                return real(self, selects)
 
             monkeypatch.setattr(reader, "table", recording_table)
         rolled = _dataset(engine, since, until)

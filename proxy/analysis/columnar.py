@@ -27,7 +27,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import adbc_driver_manager.dbapi
@@ -42,9 +42,8 @@ from proxy.analysis import sqlite_child
 
 
 class Reader(Protocol):
-    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
-        """The rows of all `selects` (the same columns), as one table. `settings`: PostgreSQL's
-        planner settings for these reads (SQLite has none)."""
+    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
+        """The rows of all `selects` (the same columns), as one table."""
         ...
 
 
@@ -155,20 +154,15 @@ class _PostgresReader:
     def __exit__(self, *exc: object) -> None:
         self.connection.close()
 
-    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
+    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
         tables = []
         with self.connection.cursor() as cursor:
-            for name, value in (settings or {}).items():  # for this connection's session: its own
-                cursor.execute("SELECT set_config($1, $2, false)", [name, value])
-                cursor.fetchall()
             for select in selects:
                 compiled = select.compile(dialect=self.dialect, compile_kwargs={"render_postcompile": True})
                 params = [compiled.params[name] for name in compiled.positiontup or ()]
                 with _as_sqlalchemy_errors(compiled.string, params):
                     cursor.execute(compiled.string, params or None)
                     tables.append(_conform(cursor.fetch_arrow_table(), select))
-            if settings:
-                cursor.execute("RESET ALL")
         return _concat(tables)
 
 
@@ -190,7 +184,7 @@ class _SqliteReader:
         self.child.stdin.close()
         self.child.wait()
 
-    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
+    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
         return _concat([self._read(select) for select in selects])
 
     def _read(self, select: sa.Select[Any]) -> pa.Table:
@@ -245,7 +239,7 @@ class _RowReader:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def table(self, selects: Sequence[sa.Select[Any]], *, settings: Mapping[str, str] | None = None) -> pa.Table:
+    def table(self, selects: Sequence[sa.Select[Any]]) -> pa.Table:
         tables = []
         for select in selects:
             names = [column.name for column in select.selected_columns]

@@ -445,7 +445,7 @@ def tidy(engine: Engine) -> None:
     rows. Autovacuum gets there too, but after a report that follows the build. The pages a vacuum
     finds all-visible are skipped, so a day's build costs the vacuum that day.
 
-    SQLite: ANALYZE (1.5 s at 10M requests). SQLite keeps no statistics of its own, and without
+    SQLite: ANALYZE (2.6 s at 10M requests). SQLite keeps no statistics of its own, and without
     them its planner reads a day's fragments, or the few continuing an episode from before a
     report's window, through the by-episode index: every fragment of the experiment (3.3M at 10M
     requests), where the day's index or the partial prev_day index finds them.
