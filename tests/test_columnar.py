@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -25,6 +26,21 @@ rows = sa.Table(
     sa.Column("small", sa.Integer, nullable=False),
     sa.Column("value", sa.Float, nullable=True),
 )
+
+
+@pytest.fixture(params=["sqlite", "sqlite read by a child", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each back-end, and a SQLite file also as a large one is read: by a child process through
+    SQLite's ADBC driver, whose column types come from its first rows (here 1,500 NULLs, then a float)."""
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        yield server.create_schema(name)
+        server.drop_schema(name)
+        return
+    if request.param == "sqlite read by a child":
+        monkeypatch.setattr(columnar, "SQLITE_CHILD_MIN_BYTES", 0)
+    yield f"sqlite:///{tmp_path}/store.db"
 
 
 @pytest.fixture
@@ -106,5 +122,21 @@ def test_the_drivers_errors_are_sqlalchemys(postgres_server: PostgresServer) -> 
     try:
         with pytest.raises(sa.exc.ProgrammingError, match="columnar_rows"), columnar.engine_reader(engine) as read:
             read.table([_part(1)])  # the table was never created in this schema
+    finally:
+        engine.dispose()
+
+
+def test_the_sqlite_childs_errors_are_sqlalchemys(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed read in the child is the OperationalError every caller of a report handles, and
+    the child goes on serving the next read."""
+    monkeypatch.setattr(columnar, "SQLITE_CHILD_MIN_BYTES", 0)
+    engine = engine_for(f"sqlite:///{tmp_path}/store.db")
+    metadata.create_all(engine)
+    missing = sa.select(sa.literal_column("no_such_column", sa.Integer).label("x")).select_from(rows)
+    try:
+        with columnar.engine_reader(engine) as read:
+            with pytest.raises(sa.exc.OperationalError, match="no_such_column"):
+                read.table([missing])
+            assert read.table([sa.select(sa.literal(1, sa.Integer).label("one"))])["one"].to_pylist() == [1]
     finally:
         engine.dispose()

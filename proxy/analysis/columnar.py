@@ -55,7 +55,7 @@ def in_memory(engine: Engine) -> bool:
 def reader(conn: Connection) -> Iterator[Reader]:
     """A reader of `conn`'s database: an ADBC connection for PostgreSQL, a child process for a
     SQLite file, else `conn` itself."""
-    if conn.dialect.name == "postgresql" or (not in_memory(conn.engine) and _large(conn.engine)):
+    if conn.dialect.name == "postgresql" or _large(conn.engine):
         with engine_reader(conn.engine) as read:
             yield read
         return
@@ -80,7 +80,10 @@ def engine_reader(engine: Engine) -> Iterator[Reader]:
 def _large(engine: Engine) -> bool:
     """Whether a SQLite file is large enough to pay for a child's start (~0.4 s of CPU: Python,
     pyarrow and the driver loading). A report on a store of 100,000 requests (~70 MB) reads ~45,000
-    rows, ~0.1 s through sqlite3; on 1M requests (~700 MB), ~400,000 rows, 1.0 s against 0.6."""
+    rows, ~0.1 s through sqlite3; on 1M requests (~700 MB), ~400,000 rows, 1.0 s against 0.6.
+    Never an in-memory database: a child would not see it."""
+    if in_memory(engine):
+        return False
     try:
         return os.path.getsize(str(engine.url.database)) >= SQLITE_CHILD_MIN_BYTES
     except OSError:
@@ -194,10 +197,12 @@ class _SqliteReader:
         sql = self._typed(compiled.string, select)
         self.child.stdin.write(orjson.dumps({"sql": sql, "params": params}) + b"\n")
         self.child.stdin.flush()
-        status, size = sqlite_child.FRAME.unpack(self.child.stdout.read(sqlite_child.FRAME.size) or b"\x01" + bytes(8))
-        body = self.child.stdout.read(size) if size else b""
+        header = self.child.stdout.read(sqlite_child.FRAME.size)
+        status, size = sqlite_child.FRAME.unpack(header) if len(header) == sqlite_child.FRAME.size else (None, 0)
+        body = self.child.stdout.read(size)
         if status != sqlite_child.OK or len(body) != size:
-            message = body.decode(errors="replace") or f"the SQLite reader exited ({self.child.poll()})"
+            message = body.decode(errors="replace") if status == sqlite_child.FAILED else (
+                f"the SQLite reader exited ({self.child.poll()})")  # fmt: skip
             raise sa.exc.OperationalError(sql, params, _ChildError(message))
         table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
         return _conform(table.slice(1), select)  # the anchor row left out

@@ -152,9 +152,10 @@ def _at_once(engine: Engine) -> bool:
     """Whether the parts are read at once, each on a connection of its own.
 
     PostgreSQL does the work in its own processes while the driver waits outside the GIL: on the
-    bench's 10M requests, a load in 9.1 s at once against 11.0 in turn. A SQLite file is read by
-    child processes (columnar): at once only with a second core, since each child first loads
-    pyarrow and the driver (~0.3 s) and on one core they would only take turns. An in-memory
+    bench's 10M requests, a load in 9.1 s at once against 11.0 in turn. A SQLite file is read in
+    this process or, when large, by child processes (columnar): either way each read takes a core
+    of its own, so at once only with a second core (on one, five threads hand each other the GIL
+    at every row, and five children each load pyarrow and the driver, ~0.3 s). An in-memory
     database is seen by one connection only.
     """
     if engine.dialect.name == "postgresql":

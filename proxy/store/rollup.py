@@ -353,7 +353,6 @@ def build_day(
     return True
 
 
-
 # The second key of a build's advisory lock (the first: the experiment's hash). Days are numbered
 # from 1970, so no lock taken per (experiment, day) elsewhere can be this one.
 _BUILD_LOCK = -1
@@ -377,13 +376,12 @@ def _episode_days(experiment: str, day: int) -> sa.Select[Any]:
     """rollup_episode_days' columns, from the day's fragments as just built."""
     e = rollup_episodes.c
     begins = sa.func.sum(sa.case((e.prev_day.is_(None), 1), else_=0))
-    select = (
+    return (
         sa.select(e.experiment, e.day, e.user_hash, e.variant, sa.func.sum(e.turns).label("turns"),
                   begins.label("episodes"))
         .where(e.experiment == experiment, e.day == day)
         .group_by(e.experiment, e.day, e.user_hash, e.variant)
     )  # fmt: skip
-    return select
 
 
 def _mark_continuations(conn: Connection, experiment: str, day: int, fragments: sa.Select[Any]) -> None:
