@@ -370,15 +370,17 @@ def test_a_partitioned_leaders_write_is_refused_and_the_other_leads_after_its_le
 def test_a_leader_slowed_past_its_lease_is_refused_and_the_other_leads(rig: Rig) -> None:
     """From A's next read of the plan on, each command's round trip takes 3.2 s, longer than the 3 s lease.
     A renewed just before that read, so its write (the promotion: the canary's 3 s are up by then) lands
-    after the lease ran out, and is refused."""
+    after the lease ran out, and is refused. The fault is armed before B starts: a loaded machine took over
+    5 s to start B (CI), long enough for A to finish the whole plan before the fault, so B may then lead
+    from its first round."""
     a, b = rig.controllers(canary_s=3)
     with rig.watch as watch:
         rig.lead(a)
-        rig.follow(b)
         slow = a.fault.latency_on(b"HGETALL", 1600)
         assert slow.wait(30), "A never read the plan"
         since = watch.redis_ms()
-        logged_before = a.decisions()
+        logged_before = a.decisions()  # A waits on the slowed read: it logs nothing more until answered
+        rig.follow(b, as_follower=False)
         wait_until(lambda: a.lines("controller_lost_lock") or a.decisions() != logged_before, timeout=40,
                    what="Redis to answer A's write")  # fmt: skip
         assert a.decisions() == logged_before, "A wrote a decision after its lease ran out"
