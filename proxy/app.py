@@ -54,6 +54,7 @@ class ProxyApp:
             hash_user=runtime.hash_user,
             feedback=runtime.feedback,
             pairs=runtime.pairs,
+            recorder=runtime.recorder,
             max_in_flight=runtime.settings.server.max_in_flight,
             client_keys=frozenset(runtime.settings.client_auth.key_sha256),
         )

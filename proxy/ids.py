@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import random
 import struct
+import weakref
 from enum import Enum
 
 _REQUEST_PERSON = b"abproxy-request"
@@ -39,12 +41,36 @@ class RequestIdStatus(Enum):
     EXPIRED = "expired"  # issued, but longer ago than feedback accepts
 
 
+# Every request-id generator, reseeded in a forked child so that parent and child never issue the same ids.
+_generators: weakref.WeakSet[random.Random] = weakref.WeakSet()
+
+
+def _reseed_generators() -> None:
+    for generator in _generators:
+        generator.seed(os.urandom(32))
+
+
+os.register_at_fork(after_in_child=_reseed_generators)
+
+
+def _keyed(secret: str, person: bytes = b"") -> hashlib.blake2b:
+    """A blake2b state with the key already absorbed. Each hash copies it: a keyed blake2b hashes its
+    key as a whole first block, and copying the state skips that (0.4 against 0.8 µs a hash), with
+    the same digest."""
+    return hashlib.blake2b(digest_size=8, key=_blake2b_key(secret), person=person)
+
+
 class RequestIds:
     def __init__(self, signing_key: str) -> None:
-        self._key = _blake2b_key(signing_key)
+        self._tagger = _keyed(signing_key, _REQUEST_PERSON)
+        # The random part makes ids unique, not unforgeable (the tag does that), so a Mersenne Twister
+        # seeded from the OS serves: 0.2 µs against 0.6 for os.urandom's system call on every request.
+        # Its own instance (tests seed the global one), reseeded in a forked child.
+        self._random = random.Random(os.urandom(32))
+        _generators.add(self._random)
 
     def issue(self, now: float) -> str:
-        head = struct.pack(">I", int(now)) + os.urandom(8)
+        head = int(now).to_bytes(4, "big") + self._random.getrandbits(64).to_bytes(8, "big")
         return (head + self._tag(head)).hex()
 
     def check(self, request_id: str, now: float, ttl_s: float) -> RequestIdStatus:
@@ -65,18 +91,25 @@ class RequestIds:
         return RequestIdStatus.VALID
 
     def _tag(self, head: bytes) -> bytes:
-        return hashlib.blake2b(head, digest_size=8, key=self._key, person=_REQUEST_PERSON).digest()
+        h = self._tagger.copy()
+        h.update(head)
+        return h.digest()
 
 
 class UserHasher:
     def __init__(self, key: str) -> None:
-        self._key = _blake2b_key(key)
+        self._users = _keyed(key)
+        self._prompts = _keyed(key, b"abproxy-prompt")
 
     def __call__(self, user_id: str | None) -> str | None:
         if user_id is None:
             return None
-        return hashlib.blake2b(user_id.encode(), digest_size=8, key=self._key).hexdigest()
+        h = self._users.copy()
+        h.update(user_id.encode())
+        return h.hexdigest()
 
     def prompt(self, data: bytes) -> str:
         """A keyed fingerprint of a prompt: equal prompts match, the text cannot be recovered."""
-        return hashlib.blake2b(data, digest_size=8, key=self._key, person=b"abproxy-prompt").hexdigest()
+        h = self._prompts.copy()
+        h.update(data)
+        return h.hexdigest()

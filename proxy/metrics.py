@@ -36,6 +36,7 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 
 # LLM calls range from tens of ms (embeddings, cached) to minutes (long generations).
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -64,10 +65,28 @@ class _Children:
     cost: Counter
 
 
+class _BeforeScrape:
+    """A collector that yields nothing and calls its hooks: what must happen before a scrape reads."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def describe(self) -> list[Metric]:
+        return []  # no names: registering it never collects, so the hooks run at scrapes only
+
+    def collect(self) -> list[Metric]:
+        for hook in self.hooks:
+            hook()
+        return []
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, process_collector: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # First in the registry, which collects in registration order: its hooks run before any value is read.
+        self._before_scrape = _BeforeScrape()
+        r.register(self._before_scrape)
         if process_collector and multiprocess_dir() is None:
             # RSS, CPU and open fds; not available per worker in multiprocess mode.
             ProcessCollector(registry=r)
@@ -188,6 +207,11 @@ class Metrics:
         gc.callbacks.append(on_gc)
         return lambda: gc.callbacks.remove(on_gc)
 
+    def before_scrape(self, fn: Callable[[], None]) -> None:
+        """Call `fn` at the start of every scrape of this registry (the recorder's pending batch),
+        from whichever thread scrapes."""
+        self._before_scrape.hooks.append(fn)
+
     def in_flight_gauge(self, experiment: str, variant: str, model: str, endpoint: str) -> Gauge:
         key = (experiment, variant, model, endpoint)
         gauge = self._in_flight.get(key)
@@ -286,6 +310,9 @@ class NullMetrics(Metrics):
 
     def in_flight_gauge(self, experiment: str, variant: str, model: str, endpoint: str) -> Gauge:
         return cast(Gauge, _OFF)
+
+    def before_scrape(self, fn: Callable[[], None]) -> None:
+        pass  # nothing is scraped
 
     def watch_gc(self) -> Callable[[], None]:
         return lambda: None

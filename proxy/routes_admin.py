@@ -318,6 +318,9 @@ async def metrics(request: Request) -> Response:
         raise NotFound("metrics are off (server.prometheus_enabled: false)", code="unknown_url")
     if runtime.settings.server.metrics_port is not None:
         raise NotFound(f"metrics are served on port {runtime.settings.server.metrics_port}", code="unknown_url")
+    # In multiprocess mode the scrape reads the workers' files, not this registry: run this process's
+    # pending records first here (the registry's own hook covers the single process).
+    runtime.recorder.run()
     # In a thread: multiprocess mode reads every worker's files, which should not stall the loop.
     body, content_type = await asyncio.to_thread(exposition, runtime.metrics.registry)
     return Response(body, media_type=content_type)

@@ -43,6 +43,7 @@ from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics
 from proxy.model_calls import retry_after
 from proxy.pair_sampling import PairSampler
+from proxy.recorder import Recorder
 from proxy.rollout import RolloutCache
 from proxy.sse import UsageTap, first_finish_reason, first_text
 from proxy.types import Receive, Scope, Send
@@ -117,6 +118,7 @@ class Exchange:
     retries: int = 0  # extra attempts made (upstreams.X.retries)
     fallback: bool = False  # the treatment failed and the control answered (experiments.X.fallback_to_control)
     held: Upstream | None = None  # whose in-flight slot an open stream holds until it ends
+    answer: bytes | None = None  # a whole 200 answer whose usage the record reads (after the request)
 
 
 class OpenAIHandler:
@@ -133,6 +135,7 @@ class OpenAIHandler:
         hash_user: UserHasher,
         feedback: FeedbackIntake,
         pairs: PairSampler,
+        recorder: Recorder,
         max_in_flight: int = 4096,
         client_keys: frozenset[str] = frozenset(),
         fallbacks: FallbackLog | None = None,
@@ -147,6 +150,7 @@ class OpenAIHandler:
         self.hash_user = hash_user
         self.feedback = feedback
         self.pairs = pairs
+        self.recorder = recorder
         self.max_in_flight = max_in_flight
         self.in_flight = 0  # this process's /v1 requests being forwarded now (one event-loop thread: no lock)
         self.client_keys = client_keys  # hex SHA-256 of accepted client keys; empty: no client auth
@@ -273,7 +277,12 @@ class OpenAIHandler:
             if ex.held is not None:
                 ex.held.in_flight -= 1
             in_flight.dec()
-            self._record(ex)
+            self.recorder.add(self._record, ex, time.perf_counter() - ex.started, time.time())
+            # Now, not with the batch: a burst of sampled requests would meet pair_max_in_flight at once.
+            if ex.pair_body is not None and ex.status == 200 and ex.completion:
+                self.pairs.submit(
+                    ex.experiment, ex.arm, ex.request_id, ENDPOINT_PATH[ex.endpoint], ex.pair_body, ex.completion
+                )
 
     # -- forwarding ------------------------------------------------------------------------
     async def _forward(
@@ -398,8 +407,10 @@ class OpenAIHandler:
         await _send_json(send, 202, accepted_body(event), request_id)
 
     # -- recording -------------------------------------------------------------------------
-    def _record(self, ex: Exchange) -> None:
-        duration = time.perf_counter() - ex.started
+    def _record(self, ex: Exchange, duration: float, now: float) -> None:
+        """Metrics and event of a finished request: run by the recorder, after it."""
+        if ex.answer is not None:
+            _read_answer(ex.answer, ex)
         arm = ex.arm
         experiment = ex.experiment.name
         cost = arm.pricing.cost_usd(ex.prompt_tokens, ex.completion_tokens)
@@ -409,7 +420,6 @@ class OpenAIHandler:
         )
         if ex.error is not None:
             self.metrics.upstream_error(experiment, arm.variant, arm.upstream_model, ex.error)
-        now = time.time()
         event: dict[str, Any] = {
             "ts": now,
             "time": datetime.fromtimestamp(now, UTC),
@@ -442,10 +452,6 @@ class OpenAIHandler:
             event["prompt"] = ex.prompt
             event["completion"] = ex.completion
         self.events.emit(event)
-        if ex.pair_body is not None and ex.status == 200 and ex.completion:
-            self.pairs.submit(
-                ex.experiment, arm, ex.request_id, ENDPOINT_PATH[ex.endpoint], ex.pair_body, ex.completion
-            )
 
     def _prompt_hash(self, user_id: str | None, prompt: Any) -> str | None:
         # Regeneration is the same user sending the same prompt again: a keyed fingerprint of
@@ -574,7 +580,10 @@ async def _send_body(send: Send, ex: Exchange, status: int, raw_headers: RawHead
     if not ex.fallback:  # after a fallback, upstream_status and error stay the treatment's failure
         ex.upstream_status = status
     if status == 200:
-        _read_answer(payload, ex)
+        if ex.pair_body is None:
+            ex.answer = payload  # read with the record, in its batch (proxy/recorder.py)
+        else:
+            _read_answer(payload, ex)  # pair sampling needs the answer's text now
     else:
         ex.error = "4xx" if status < 500 else "5xx"
     headers = _response_headers(raw_headers, ex.headers)

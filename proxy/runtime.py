@@ -25,6 +25,7 @@ from proxy.feedback import FeedbackIntake
 from proxy.ids import RequestIds, UserHasher
 from proxy.metrics import Metrics, NullMetrics, mark_process_dead, watch_tasks_of
 from proxy.pair_sampling import PairSampler
+from proxy.recorder import Recorder
 from proxy.rollout import RolloutCache, RolloutState, RolloutStore
 from proxy.upstream import UpstreamPool
 
@@ -67,6 +68,9 @@ class Runtime:
             self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
         self.pairs = PairSampler(self.upstreams, self.events, self.metrics)
+        # Each request's metrics, event and pair sample, done after it in batches (proxy/recorder.py).
+        self.recorder = Recorder()
+        self.metrics.before_scrape(self.recorder.run_from_any_thread)
         self.admin_auth = AdminAuth(settings.admin_token, settings.admin_read_token,
                                     per_minute=settings.admin.rate_limit_per_minute)  # fmt: skip
         self._gauges: asyncio.Task[None] | None = None
@@ -131,6 +135,7 @@ class Runtime:
             )
 
     async def stop(self) -> None:
+        self.recorder.run()  # before the pairs stop and the sinks' last flush: their input
         await cancel_and_wait(self._gauges)
         self._gauges = None
         await self.rollout.stop()
