@@ -1,12 +1,13 @@
 """What a request leaves to be recorded after it (its metrics and its event), done in batches.
 
 Done in the request's own `finally`, one request at a time between two requests' socket work, this
-recording measured about twice what the same code costs timed alone: 8 µs a request with the network
-faked out (`timeit`-style loop), about 18 µs of the serving process's CPU under load at c=32, and the
-proxy ran at 0.80x the bare forwarder's requests per CPU-second against 0.93x with recording batched
-(30 alternating rounds, README "Speed"). A request now only appends what it measured; the first item
-of a batch starts a timer, and BATCH_DELAY_S later the batch runs, item after item, its code and data
-still in the CPU's caches. Nothing waits: the timer is the event loop's own, and adding is an append.
+recording cost about twice what the same code costs timed alone: 8 µs a request with the network faked
+out, about 18 µs of the serving process's CPU under load at c=32. Batched, it is back near its own cost:
+in 30 alternating rounds at c=32 the proxy served 0.91-0.94x the bare forwarder's requests per
+CPU-second, against 0.81-0.87x for the code before (README "Speed"). So a request only appends what it
+measured; the first item of a batch starts a timer, and BATCH_DELAY_S later (or once MAX_BATCH items
+wait) the batch runs, item after item, its code and data still in the CPU's caches. Nothing waits: the
+timer is the event loop's own, and adding is an append.
 
 Readers see a request at most BATCH_DELAY_S later than before, and never miss one they could see
 before: a scrape of this process's metrics runs the batch first (`run_from_any_thread`, hooked into
@@ -24,9 +25,12 @@ import structlog
 
 log = structlog.get_logger("abproxy")
 
-# At a few thousand requests a second a batch holds a few hundred; a scrape or an event reader sees
-# a request this much later at most.
-BATCH_DELAY_S = 0.05
+# A batch runs this long after its first item, or as soon as it holds MAX_BATCH items: a scrape or an
+# event reader sees a request this much later at most, and a request arriving while a batch runs waits
+# for it (~10 µs an item). Batches of 50 ms (a few hundred items) put 1-2 ms pauses into the p99 at
+# concurrency 1 (0.5 -> 1.9 ms); 32 items keep most of the gain (bench: README "Speed").
+BATCH_DELAY_S = 0.02
+MAX_BATCH = 32
 # A scrape from another thread waits this long, at most, for the event loop to run the batch (a loop
 # that busy serves stale figures rather than stalling the scrape).
 SCRAPE_WAIT_S = 1.0
@@ -37,21 +41,26 @@ Work = tuple[Callable[..., None], tuple[Any, ...]]
 class Recorder:
     """Runs `fn(*args)` after the request that added it, in batches, on the event loop's thread."""
 
-    def __init__(self, delay_s: float = BATCH_DELAY_S) -> None:
+    def __init__(self, delay_s: float = BATCH_DELAY_S, max_batch: int = MAX_BATCH) -> None:
         self._delay_s = delay_s
+        self._max_batch = max_batch
         self._pending: list[Work] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
     def add(self, fn: Callable[..., None], *args: Any) -> None:
         """On the request path: an append, and for a batch's first item a timer. Call from the loop."""
-        self._pending.append((fn, args))
+        pending = self._pending
+        pending.append((fn, args))
         if self._timer is None:
             loop = asyncio.get_running_loop()
             if loop is not self._loop:
                 self._loop, self._loop_thread = loop, threading.get_ident()
             self._timer = loop.call_later(self._delay_s, self.run)
+        elif len(pending) == self._max_batch and self._loop is not None:
+            self._timer.cancel()  # full: run it next, after the callbacks already due
+            self._timer = self._loop.call_soon(self.run)
 
     @property
     def pending(self) -> int:

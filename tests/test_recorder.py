@@ -32,6 +32,23 @@ def test_a_batch_runs_once_after_its_first_item_in_order() -> None:
     asyncio.run(scenario())
 
 
+def test_a_full_batch_runs_next_without_waiting_for_its_timer() -> None:
+    done: list[int] = []
+
+    async def scenario() -> None:
+        recorder = Recorder(delay_s=60, max_batch=3)
+        for i in range(3):
+            recorder.add(done.append, i)
+        assert done == []
+        await asyncio.sleep(0)  # one turn of the loop
+        assert done == [0, 1, 2] and recorder.pending == 0
+        recorder.add(done.append, 3)  # the next batch waits for its own timer
+        await asyncio.sleep(0.05)
+        assert done == [0, 1, 2]
+
+    asyncio.run(scenario())
+
+
 def test_a_record_that_fails_is_logged_and_the_rest_of_its_batch_still_runs() -> None:
     done: list[str] = []
 
