@@ -58,9 +58,9 @@ class Recorder:
             if loop is not self._loop:
                 self._loop, self._loop_thread = loop, threading.get_ident()
             self._timer = loop.call_later(self._delay_s, self.run)
-        elif len(pending) == self._max_batch and self._loop is not None:
+        elif len(pending) == self._max_batch:
             self._timer.cancel()  # full: run it next, after the callbacks already due
-            self._timer = self._loop.call_soon(self.run)
+            self._timer = asyncio.get_running_loop().call_soon(self.run)
 
     @property
     def pending(self) -> int:
