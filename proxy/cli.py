@@ -523,7 +523,9 @@ def report(
     import time
 
     from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
+    from proxy.gc_tuning import without_cyclic_collector
 
+    without_cyclic_collector()
     _, settings = load_config(config, upstream_keys=False)
     if experiment not in settings.experiments:
         fail(f"no experiment named {experiment!r} (configured: {', '.join(sorted(settings.experiments))})")

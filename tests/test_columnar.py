@@ -91,11 +91,40 @@ def test_rows_read_in_chunks_make_one_typed_table(engine: sa.Engine, monkeypatch
 
 
 def test_bound_values_reach_the_database(engine: sa.Engine) -> None:
-    """Parameters, an expanding IN list among them, bound in the driver's own style ($n or ?)."""
+    """Values, an expanding IN list among them: bound in the driver's style (?) or written into
+    the SQL (PostgreSQL's reader)."""
     r = rows.c
     select = sa.select(r.small).where(r.part.in_([2, 3]), r.user_hash == "ä-ü", r.small > 1).order_by(r.small)
     with engine.connect() as conn, columnar.reader(conn) as read:
         assert read.table([select])["small"].to_pylist() == [8]
+
+
+# Quotes, a percent sign, backslashes, a dollar-quote and non-ASCII: PostgreSQL's reader writes
+# every value into the SQL it sends (so the driver streams with COPY), and each must arrive as is.
+TRICKY = ["it's", "100%", "C:\\new\\table", "\\'; DROP TABLE columnar_rows; --", "$1 $$x$$", "ä\u2028ü"]
+
+
+def test_values_written_into_the_sql_arrive_as_they_are(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(rows), [{"part": 3, "user_hash": text, "small": i, "value": 0.1 * i}
+                                       for i, text in enumerate(TRICKY)])  # fmt: skip
+    r = rows.c
+    selected = [sa.literal(text, sa.String).label(f"t{i}") for i, text in enumerate(TRICKY)]
+    numbers = sa.select(*selected, sa.literal(1767225600.123456, sa.Float).label("ts"),
+                        sa.literal(2**62 + 1, sa.BigInteger).label("big"), sa.literal(True).label("yes"))  # fmt: skip
+    with engine.connect() as conn, columnar.reader(conn) as read:
+        row = read.table([numbers]).to_pylist()[0]
+        for i, text in enumerate(TRICKY):
+            found = read.table([sa.select(r.small, r.value).where(r.user_hash == text, r.value >= 0.1 * i)])
+            assert found.to_pylist() == [{"small": i, "value": 0.1 * i}], text
+    assert [row[f"t{i}"] for i in range(len(TRICKY))] == TRICKY
+    assert (row["ts"], row["big"], row["yes"]) == (1767225600.123456, 2**62 + 1, True)
+    assert rows_count(engine) == 1508  # and nothing was dropped
+
+
+def rows_count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(rows)).scalar_one())
 
 
 def test_a_read_on_its_own_connection_sees_committed_rows(engine: sa.Engine) -> None:

@@ -143,13 +143,28 @@ def _as_sqlalchemy_errors(statement: str | None, params: Sequence[Any] | None) -
 
 
 class _PostgresReader:
-    # The driver binds $1, $2, ...: the psycopg dialect, in numeric_dollar style.
+    """Each select with its values written into the SQL, so the driver streams the rows with COPY.
+
+    The driver runs a query that has bind parameters through libpq's PQexecParams instead of
+    COPY (COPY takes none): libpq holds the whole result in memory before the first row is
+    converted, and the conversion waits for the last row. Inlined, PostgreSQL's work and this
+    process's overlap: on the bench's 10M requests the five reads took 2.6 s in turn against
+    4.2, and the request groups 25,000 page faults against 71,000. The values are the report's
+    own (an experiment's and its metrics' names, days, timestamps), rendered by SQLAlchemy's
+    literal processors; the session's standard_conforming_strings is set on, so a quote doubled
+    is the whole escaping whatever the server's default.
+    """
+
+    # Not the engine's dialect: psycopg's paramstyle doubles every '%' in the SQL for the driver
+    # to undo, and this driver would not.
     dialect = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
 
     def __init__(self, engine: Engine) -> None:
         uri = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         with _as_sqlalchemy_errors(None, None):
             self.connection: Any = adbc_driver_postgresql.dbapi.connect(uri, autocommit=True)
+            with self.connection.cursor() as cursor:
+                cursor.execute("SET standard_conforming_strings = on")
 
     def __enter__(self) -> _PostgresReader:
         return self
@@ -161,10 +176,9 @@ class _PostgresReader:
         tables = []
         with self.connection.cursor() as cursor:
             for select in selects:
-                compiled = select.compile(dialect=self.dialect, compile_kwargs={"render_postcompile": True})
-                params = [compiled.params[name] for name in compiled.positiontup or ()]
-                with _as_sqlalchemy_errors(compiled.string, params):
-                    cursor.execute(compiled.string, params or None)
+                sql = select.compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}).string
+                with _as_sqlalchemy_errors(sql, None):
+                    cursor.execute(sql)
                     tables.append(_conform(cursor.fetch_arrow_table(), select))
         return _concat(tables)
 
