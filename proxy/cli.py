@@ -523,9 +523,8 @@ def report(
     import time
 
     from proxy.analysis.service import StoreNotReady, parse_bounds, report_from_store
-    from proxy.gc_tuning import without_cyclic_collector
+    from proxy.gc_tuning import cyclic_collector_paused
 
-    without_cyclic_collector()
     _, settings = load_config(config, upstream_keys=False)
     if experiment not in settings.experiments:
         fail(f"no experiment named {experiment!r} (configured: {', '.join(sorted(settings.experiments))})")
@@ -536,7 +535,8 @@ def report(
         fail(f"--{exc}")
     engine = store_engine(store_url or settings.store.url)
     try:
-        result = report_from_store(engine, settings, experiment, since=start, until=end, now=now)
+        with cyclic_collector_paused():
+            result = report_from_store(engine, settings, experiment, since=start, until=end, now=now)
     except StoreNotReady as exc:
         fail(str(exc))
     finally:
