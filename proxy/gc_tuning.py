@@ -47,9 +47,9 @@ def cyclic_collector_paused() -> Iterator[None]:
 
     `abproxy report` imports scipy, statsmodels and pandas while it reads millions of rows, and
     CPython's collector kept rescanning that growing heap: ~470 collections, 0.4 s of the 10M
-    report's ~8 s of CPU (bench scenario 7). What the command leaves unreachable in cycles is
-    little, and left to the collections after the block (or freed at exit). statsmodels' multipletests
-    still runs its one gc.collect().
+    report's ~8 s of CPU (bench scenario 7). What the block leaves unreachable in cycles is
+    little, and left to the collections after it (or freed at exit). statsmodels'
+    multipletests still runs its one gc.collect().
     """
     was_enabled = gc.isenabled()
     gc.disable()
