@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import os
 import random
-import struct
 import weakref
 from enum import Enum
 
@@ -83,7 +82,7 @@ class RequestIds:
         head, tag = raw[:_SIGNED_BYTES], raw[_SIGNED_BYTES:]
         if not hmac.compare_digest(tag, self._tag(head)):
             return RequestIdStatus.UNKNOWN
-        (issued_at,) = struct.unpack(">I", head[:4])
+        issued_at = int.from_bytes(head[:4], "big")
         if issued_at > now + 300:  # slack for instances whose clocks disagree a little
             return RequestIdStatus.UNKNOWN
         if now - issued_at > ttl_s:

@@ -68,7 +68,7 @@ class Runtime:
             self._event_sinks(event_sink), self.metrics, flush_interval_s=settings.events.flush_interval_s
         )
         self.pairs = PairSampler(self.upstreams, self.events, self.metrics)
-        # Each request's metrics, event and pair sample, done after it in batches (proxy/recorder.py).
+        # Each request's metrics and event, done after it in batches (proxy/recorder.py).
         self.recorder = Recorder()
         self.metrics.before_scrape(self.recorder.run_from_any_thread)
         self.admin_auth = AdminAuth(settings.admin_token, settings.admin_read_token,
@@ -135,7 +135,7 @@ class Runtime:
             )
 
     async def stop(self) -> None:
-        self.recorder.run()  # before the pairs stop and the sinks' last flush: their input
+        self.recorder.run()  # before the sinks' last flush: the events it still holds
         await cancel_and_wait(self._gauges)
         self._gauges = None
         await self.rollout.stop()
